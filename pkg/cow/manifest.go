@@ -1,0 +1,254 @@
+package cow
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// formatVersion is the manifest format this code writes and reads.
+const formatVersion = 1
+
+// LayerState is where a layer stands in its chains.
+type LayerState string
+
+const (
+	// Active: the writable top of exactly one volume.
+	Active LayerState = "active"
+	// Frozen: immutable for good; may back several chains.
+	Frozen LayerState = "frozen"
+	// Base: a read-only raw file outside the layers directory; never modified, never deleted.
+	Base LayerState = "base"
+)
+
+// LayerMeta is one layer's entry in the manifest.
+type LayerMeta struct {
+	Parent string     `json:"parent,omitempty"`
+	Size   int64      `json:"size"`
+	State  LayerState `json:"state"`
+	// Path and MTime describe a base: its absolute path and its modification time (ns),
+	// so that a base changed behind our back is refused instead of served.
+	Path  string `json:"path,omitempty"`
+	MTime int64  `json:"mtimeNs,omitempty"`
+}
+
+// VolumeMeta names a writable chain by its top layer.
+type VolumeMeta struct {
+	Top     string            `json:"top"`
+	Created time.Time         `json:"created"`
+	Labels  map[string]string `json:"labels,omitempty"`
+}
+
+// SnapshotMeta names a frozen layer, the top of a read-only chain.
+type SnapshotMeta struct {
+	Layer   string            `json:"layer"`
+	Source  string            `json:"source,omitempty"` // the volume it was taken of
+	Created time.Time         `json:"created"`
+	Labels  map[string]string `json:"labels,omitempty"`
+}
+
+// manifest is the whole chain metadata of a store. It is small (a few hundred bytes per
+// layer) and replaced atomically as one file, so every operation commits in one rename.
+type manifest struct {
+	Format    int                      `json:"format"`
+	Layers    map[string]*LayerMeta    `json:"layers"`
+	Volumes   map[string]*VolumeMeta   `json:"volumes"`
+	Snapshots map[string]*SnapshotMeta `json:"snapshots"`
+}
+
+func newManifest() *manifest {
+	return &manifest{
+		Format:    formatVersion,
+		Layers:    map[string]*LayerMeta{},
+		Volumes:   map[string]*VolumeMeta{},
+		Snapshots: map[string]*SnapshotMeta{},
+	}
+}
+
+func readManifest(path string) (*manifest, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return newManifest(), nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read manifest: %w", err)
+	}
+	m := newManifest()
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(m); err != nil {
+		return nil, fmt.Errorf("%w: manifest %s: %v", ErrCorrupt, path, err)
+	}
+	if m.Format != formatVersion {
+		return nil, fmt.Errorf("%w: manifest %s has format %d, this build reads %d", ErrCorrupt, path, m.Format, formatVersion)
+	}
+	if err := m.validate(); err != nil {
+		return nil, fmt.Errorf("%w: manifest %s: %v", ErrCorrupt, path, err)
+	}
+	return m, nil
+}
+
+// validate checks what every later path computation relies on: ids of the right shape,
+// references that resolve. Cycles and sizes are Check's business and are caught at open.
+func (m *manifest) validate() error {
+	if m.Layers == nil || m.Volumes == nil || m.Snapshots == nil {
+		return errors.New("missing layers, volumes or snapshots")
+	}
+	for id, l := range m.Layers {
+		if !validLayerID(id) {
+			return fmt.Errorf("bad layer id %q", id)
+		}
+		if l == nil {
+			return fmt.Errorf("layer %s: empty entry", id)
+		}
+		if l.Parent != "" && !validLayerID(l.Parent) {
+			return fmt.Errorf("layer %s: bad parent id %q", id, l.Parent)
+		}
+		if l.Size < 0 {
+			return fmt.Errorf("layer %s: negative size", id)
+		}
+		switch l.State {
+		case Active, Frozen:
+			if l.Path != "" {
+				return fmt.Errorf("layer %s: only a base has a path", id)
+			}
+		case Base:
+			if !filepath.IsAbs(l.Path) || l.Parent != "" {
+				return fmt.Errorf("layer %s: a base needs an absolute path and no parent", id)
+			}
+		default:
+			return fmt.Errorf("layer %s: unknown state %q", id, l.State)
+		}
+	}
+	for name, v := range m.Volumes {
+		if err := ValidateName(name); err != nil {
+			return err
+		}
+		if v == nil || !validLayerID(v.Top) {
+			return fmt.Errorf("volume %s: bad top", name)
+		}
+	}
+	for name, s := range m.Snapshots {
+		if err := ValidateName(name); err != nil {
+			return err
+		}
+		if s == nil || !validLayerID(s.Layer) {
+			return fmt.Errorf("snapshot %s: bad layer", name)
+		}
+	}
+	return nil
+}
+
+// writeFileAtomic replaces path with data: temp file, fsync, rename, fsync of the directory.
+func writeFileAtomic(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name()) // no-op after the rename
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", tmp.Name(), err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("fsync %s: %w", tmp.Name(), err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("close %s: %w", tmp.Name(), err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("rename %s: %w", path, err)
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("fsync dir %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync dir %s: %w", dir, err)
+	}
+	return nil
+}
+
+func (m *manifest) write(path string) error {
+	data, err := json.MarshalIndent(m, "", " ")
+	if err != nil {
+		return fmt.Errorf("encode manifest: %w", err)
+	}
+	return writeFileAtomic(path, append(data, '\n'))
+}
+
+// children maps each layer id to the ids of the layers whose parent it is, sorted.
+func (m *manifest) children() map[string][]string {
+	kids := map[string][]string{}
+	for id, l := range m.Layers {
+		if l.Parent != "" {
+			kids[l.Parent] = append(kids[l.Parent], id)
+		}
+	}
+	for _, k := range kids {
+		sort.Strings(k)
+	}
+	return kids
+}
+
+// snapshotsOf maps each layer id to the snapshot names that point at it.
+func (m *manifest) snapshotsOf() map[string][]string {
+	names := map[string][]string{}
+	for name, s := range m.Snapshots {
+		names[s.Layer] = append(names[s.Layer], name)
+	}
+	return names
+}
+
+// ancestry returns the chain ending at top, bottom first. It fails on a missing layer
+// or a cycle, so a damaged manifest can never make an endless walk.
+func (m *manifest) ancestry(top string) ([]string, error) {
+	var ids []string
+	seen := map[string]bool{}
+	for id := top; id != ""; id = m.Layers[id].Parent {
+		if seen[id] {
+			return nil, fmt.Errorf("%w: parent links of layer %s form a cycle", ErrCorrupt, top)
+		}
+		seen[id] = true
+		if m.Layers[id] == nil {
+			return nil, fmt.Errorf("%w: layer %s is missing from the manifest", ErrCorrupt, id)
+		}
+		ids = append(ids, id)
+	}
+	for i, j := 0, len(ids)-1; i < j; i, j = i+1, j-1 {
+		ids[i], ids[j] = ids[j], ids[i]
+	}
+	return ids, nil
+}
+
+// flock takes an advisory lock on f; LOCK_NB makes it fail with ErrBusy instead of waiting.
+func flock(f *os.File, how int) error {
+	for {
+		err := unix.Flock(int(f.Fd()), how)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EWOULDBLOCK {
+			return ErrBusy
+		}
+		if err != nil {
+			return fmt.Errorf("flock %s: %w", f.Name(), err)
+		}
+		return nil
+	}
+}

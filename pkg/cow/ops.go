@@ -1,0 +1,642 @@
+package cow
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// openVolume returns the chain of a volume open read-write in this process, if any.
+func (s *Store) openVolume(name string) *Chain {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.open[name]
+}
+
+// withVolume runs fn on volume name's chain: through its Chain when this process has it
+// open (the chain quiesces its own I/O), else under the volume's lock. A volume open in
+// another process is refused with ErrBusy: nothing changes a chain behind its server's back.
+func (s *Store) withVolume(name string, live func(c *Chain) error, offline func() error) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	if c := s.openVolume(name); c != nil {
+		return live(c)
+	}
+	lk, err := s.lockVolume(name, unix.LOCK_EX)
+	if err != nil {
+		return err
+	}
+	defer lk.Close()
+	return offline()
+}
+
+// Snapshot freezes the current top of volume as snapshot snap and gives the volume a new
+// empty top. It copies nothing: O(1) whatever the volume's size.
+func (s *Store) Snapshot(volume, snap string, labels map[string]string) error {
+	if err := ValidateName(snap); err != nil {
+		return err
+	}
+	return s.withVolume(volume,
+		func(c *Chain) error { return c.Snapshot(snap, labels) },
+		func() error {
+			return s.tx(func(m *manifest) error {
+				_, err := s.freezeTop(m, volume, snap, labels, true)
+				return err
+			})
+		})
+}
+
+// freezeTop freezes volume's top and gives it a new one. With snap empty the frozen layer
+// stays unnamed (a clone's base). sync makes the old top durable first; a live chain has
+// flushed it already. It returns the frozen layer's id.
+func (s *Store) freezeTop(m *manifest, volume, snap string, labels map[string]string, sync bool) (string, error) {
+	v := m.Volumes[volume]
+	if v == nil {
+		return "", fmt.Errorf("volume %s: %w", volume, ErrNotFound)
+	}
+	if snap != "" {
+		if err := nameFree(m, snap); err != nil {
+			return "", err
+		}
+	}
+	old := m.Layers[v.Top]
+	if old == nil || old.State != Active {
+		return "", fmt.Errorf("%w: volume %s has no active top", ErrCorrupt, volume)
+	}
+	if sync {
+		if err := syncFile(s.layerPath(v.Top)); err != nil {
+			return "", err
+		}
+	}
+	id := newLayerID()
+	if err := s.createLayerFile(id, old.Size); err != nil {
+		return "", err
+	}
+	frozen := v.Top
+	old.State = Frozen
+	m.Layers[id] = &LayerMeta{Parent: frozen, Size: old.Size, State: Active}
+	v.Top = id
+	if snap != "" {
+		m.Snapshots[snap] = &SnapshotMeta{Layer: frozen, Source: volume, Created: time.Now().UTC(), Labels: labels}
+	}
+	return frozen, nil
+}
+
+func syncFile(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	defer f.Close()
+	return fdatasync(f)
+}
+
+// Snapshot is Store.Snapshot on an open volume: it quiesces the chain's I/O, flushes,
+// freezes the top and switches to a new one. The snapshot holds exactly the writes
+// completed before the call; the chain stays usable throughout.
+func (c *Chain) Snapshot(snap string, labels map[string]string) error {
+	if err := ValidateName(snap); err != nil {
+		return err
+	}
+	c.io.Lock()
+	defer c.io.Unlock()
+	_, err := c.freezeLocked(func(m *manifest) (string, error) {
+		return c.store.freezeTop(m, c.name, snap, labels, false)
+	})
+	return err
+}
+
+// freezeLocked flushes the chain, commits freeze's manifest change, and moves the chain
+// onto the new top that freeze made. c.io is held exclusively.
+func (c *Chain) freezeLocked(freeze func(m *manifest) (string, error)) (string, error) {
+	if c.top < 0 {
+		return "", fmt.Errorf("snapshot %s: %w", c.name, ErrReadOnly)
+	}
+	if err := c.flushLocked(); err != nil {
+		return "", err
+	}
+	var frozen, newTop string
+	err := c.store.tx(func(m *manifest) error {
+		var err error
+		if frozen, err = freeze(m); err != nil {
+			return err
+		}
+		newTop = m.Volumes[c.name].Top
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	if newTop == c.layers[c.top].id {
+		return frozen, nil // the top was empty and stays
+	}
+	f, err := os.OpenFile(c.store.layerPath(newTop), os.O_RDWR, 0)
+	if err != nil {
+		// The manifest already names the new top; the chain cannot go on writing the old one.
+		c.top = -1
+		return "", fmt.Errorf("open new top of %s: %w (the chain is now read-only; reopen it)", c.name, err)
+	}
+	c.layers[c.top].meta.State = Frozen
+	c.layers = append(c.layers, &openLayer{id: newTop, meta: LayerMeta{Parent: frozen, Size: c.size, State: Active}, f: f})
+	c.top = len(c.layers) - 1
+	c.idxMu.Lock()
+	c.topEmpty = true
+	c.zeroCand = newRangeMap[bool]()
+	c.idxMu.Unlock()
+	return frozen, nil
+}
+
+// Clone makes volume name a new chain over src, a snapshot or a volume. A volume's top is
+// frozen first (unnamed) unless it is empty, in which case the clone shares its parent.
+// No data is copied.
+func (s *Store) Clone(src, name string, labels map[string]string) error {
+	if err := ValidateName(src); err != nil {
+		return err
+	}
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	// The clone has the source's size, which may exceed the size of the layer it builds on.
+	addClone := func(m *manifest, under string, size int64) error {
+		if err := nameFree(m, name); err != nil {
+			return err
+		}
+		id := newLayerID()
+		if err := s.createLayerFile(id, size); err != nil {
+			return err
+		}
+		m.Layers[id] = &LayerMeta{Parent: under, Size: size, State: Active}
+		m.Volumes[name] = &VolumeMeta{Top: id, Created: time.Now().UTC(), Labels: labels}
+		return nil
+	}
+	err := s.tx(func(m *manifest) error {
+		sn := m.Snapshots[src]
+		if sn == nil {
+			if m.Volumes[src] == nil {
+				return fmt.Errorf("clone source %s: %w", src, ErrNotFound)
+			}
+			return errIsVolume
+		}
+		return addClone(m, sn.Layer, m.Layers[sn.Layer].Size)
+	})
+	if !errors.Is(err, errIsVolume) {
+		return err
+	}
+	freezeAndClone := func(m *manifest, topEmpty bool) (string, error) {
+		if err := nameFree(m, name); err != nil {
+			return "", err
+		}
+		v := m.Volumes[src]
+		if v == nil {
+			return "", fmt.Errorf("clone source %s: %w", src, ErrNotFound)
+		}
+		under, size := "", m.Layers[v.Top].Size
+		if p := m.Layers[v.Top].Parent; topEmpty && p != "" && m.Layers[p].State == Frozen {
+			under = p
+		} else {
+			var err error
+			if under, err = s.freezeTop(m, src, "", nil, false); err != nil {
+				return "", err
+			}
+		}
+		return under, addClone(m, under, size)
+	}
+	return s.withVolume(src,
+		func(c *Chain) error {
+			c.io.Lock()
+			defer c.io.Unlock()
+			c.idxMu.RLock()
+			empty := c.topEmpty
+			c.idxMu.RUnlock()
+			_, err := c.freezeLocked(func(m *manifest) (string, error) { return freezeAndClone(m, empty) })
+			return err
+		},
+		func() error {
+			return s.tx(func(m *manifest) error {
+				v := m.Volumes[src]
+				if v == nil {
+					return fmt.Errorf("clone source %s: %w", src, ErrNotFound)
+				}
+				empty, err := s.layerEmpty(v.Top)
+				if err != nil {
+					return err
+				}
+				if !empty {
+					if err := syncFile(s.layerPath(v.Top)); err != nil {
+						return err
+					}
+				}
+				_, err = freezeAndClone(m, empty)
+				return err
+			})
+		})
+}
+
+var errIsVolume = errors.New("source is a volume")
+
+// layerEmpty reports whether layer id holds no data and no zero list.
+func (s *Store) layerEmpty(id string) (bool, error) {
+	if _, err := os.Stat(s.zeroPath(id)); err == nil {
+		return false, nil
+	}
+	f, err := os.Open(s.layerPath(id))
+	if err != nil {
+		return false, fmt.Errorf("layer %s: %w", id, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return false, fmt.Errorf("layer %s: %w", id, err)
+	}
+	data, err := dataExtents(f, fi.Size())
+	return len(data) == 0, err
+}
+
+// Resize grows volume to size bytes (rounded up to BlockSize). Shrinking is refused: it
+// would cut data off every snapshot-consistent view of the volume.
+func (s *Store) Resize(volume string, size int64) error {
+	return s.withVolume(volume,
+		func(c *Chain) error { return c.Resize(size) },
+		func() error { return s.resizeTop(volume, size, nil) })
+}
+
+// resizeTop commits the new size, then grows the top file (an open top finishes a grow
+// that a crash cut short, see openLayerFile).
+func (s *Store) resizeTop(volume string, size int64, f *os.File) error {
+	size = alignUp(size)
+	var path string
+	err := s.tx(func(m *manifest) error {
+		v := m.Volumes[volume]
+		if v == nil {
+			return fmt.Errorf("volume %s: %w", volume, ErrNotFound)
+		}
+		top := m.Layers[v.Top]
+		if size < top.Size {
+			return fmt.Errorf("resize %s to %d bytes: %w (it has %d)", volume, size, ErrShrink, top.Size)
+		}
+		top.Size = size
+		path = s.layerPath(v.Top)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if f == nil {
+		return os.Truncate(path, size)
+	}
+	if err := f.Truncate(size); err != nil {
+		return fmt.Errorf("resize %s: %w", volume, err)
+	}
+	return nil
+}
+
+// Resize grows an open volume; see Store.Resize.
+func (c *Chain) Resize(size int64) error {
+	c.io.Lock()
+	defer c.io.Unlock()
+	if c.closed {
+		return ErrClosed
+	}
+	if c.top < 0 {
+		return fmt.Errorf("resize %s: %w", c.name, ErrReadOnly)
+	}
+	if size <= 0 {
+		return fmt.Errorf("resize %s: %w: %d", c.name, ErrInvalidSize, size)
+	}
+	if err := c.store.resizeTop(c.name, size, c.layers[c.top].f); err != nil {
+		return err
+	}
+	c.size = alignUp(size)
+	c.layers[c.top].meta.Size = c.size
+	return nil
+}
+
+// DeleteVolume removes a volume and frees every layer nobody else uses.
+func (s *Store) DeleteVolume(name string) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	if s.openVolume(name) != nil {
+		return fmt.Errorf("volume %s: %w: it is open", name, ErrBusy)
+	}
+	lk, err := s.lockVolume(name, unix.LOCK_EX)
+	if err != nil {
+		return err
+	}
+	defer lk.Close()
+	var held []*os.File
+	defer func() { closeAll(held) }()
+	err = s.tx(func(m *manifest) error {
+		if m.Volumes[name] == nil {
+			return fmt.Errorf("volume %s: %w", name, ErrNotFound)
+		}
+		delete(m.Volumes, name)
+		return s.collect(m, &held)
+	})
+	if err == nil {
+		os.Remove(s.lockPath(name))
+	}
+	return err
+}
+
+// DeleteSnapshot removes a snapshot's name. Its layer is merged away (into its only child,
+// or its parent) or freed as soon as no chain needs it any more; while clones or restored
+// volumes still build on it, it stays.
+func (s *Store) DeleteSnapshot(name string) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	var held []*os.File
+	defer func() { closeAll(held) }()
+	return s.tx(func(m *manifest) error {
+		if m.Snapshots[name] == nil {
+			return fmt.Errorf("snapshot %s: %w", name, ErrNotFound)
+		}
+		delete(m.Snapshots, name)
+		return s.collect(m, &held)
+	})
+}
+
+// Collect frees unreferenced layers and merges away unnamed ones that only lengthen a
+// chain. Each store operation does this itself; Collect is for after a crash or when an
+// open volume held a merge back.
+func (s *Store) Collect() error {
+	var held []*os.File
+	defer func() { closeAll(held) }()
+	return s.tx(func(m *manifest) error { return s.collect(m, &held) })
+}
+
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
+
+// collect runs inside a transaction. Reference counts are derived, never stored: a layer is
+// needed while a volume or a snapshot reaches it through parent links. Locks of volumes
+// whose tops it merges into are appended to held and must stay held until the commit.
+func (s *Store) collect(m *manifest, held *[]*os.File) error {
+	for {
+		if err := m.dropUnreferenced(); err != nil {
+			return err
+		}
+		l, into, err := s.nextFold(m, held)
+		if err != nil || l == "" {
+			return err
+		}
+		if into == m.Layers[l].Parent {
+			err = s.foldIntoParent(m, l)
+		} else {
+			err = s.foldIntoChild(m, l, into)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// dropUnreferenced removes the manifest entries of layers no volume or snapshot reaches.
+func (m *manifest) dropUnreferenced() error {
+	needed := map[string]bool{}
+	var roots []string
+	for _, v := range m.Volumes {
+		roots = append(roots, v.Top)
+	}
+	for _, sn := range m.Snapshots {
+		roots = append(roots, sn.Layer)
+	}
+	for _, r := range roots {
+		ids, err := m.ancestry(r)
+		if err != nil {
+			return err
+		}
+		for _, id := range ids {
+			needed[id] = true
+		}
+	}
+	for id := range m.Layers {
+		if !needed[id] {
+			delete(m.Layers, id)
+		}
+	}
+	return nil
+}
+
+// nextFold picks an unnamed frozen layer that can be merged away: into its only child, or,
+// when it has several, into its parent if that parent is unnamed, frozen, of the same size
+// and has no other child. A child that is the top of a volume open anywhere is skipped.
+func (s *Store) nextFold(m *manifest, held *[]*os.File) (layer, into string, err error) {
+	kids := m.children()
+	named := m.snapshotsOf()
+	topOf := map[string]string{}
+	for name, v := range m.Volumes {
+		topOf[v.Top] = name
+	}
+	ids := make([]string, 0, len(m.Layers))
+	for id := range m.Layers {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		l := m.Layers[id]
+		if l.State != Frozen || len(named[id]) > 0 {
+			continue
+		}
+		switch k := kids[id]; {
+		case len(k) == 1:
+			child := k[0]
+			if vol, ok := topOf[child]; ok {
+				if s.openVolume(vol) != nil {
+					continue
+				}
+				lk, err := s.lockVolume(vol, unix.LOCK_EX)
+				if errors.Is(err, ErrBusy) {
+					continue
+				}
+				if err != nil {
+					return "", "", err
+				}
+				*held = append(*held, lk)
+			}
+			return id, child, nil
+		case len(k) > 1:
+			p := m.Layers[l.Parent]
+			if p != nil && p.State == Frozen && len(named[l.Parent]) == 0 && len(kids[l.Parent]) == 1 && p.Size == l.Size {
+				return id, l.Parent, nil
+			}
+		}
+	}
+	return "", "", nil
+}
+
+// foldIntoChild merges layer l into its only child c: l's data goes where c holds neither
+// data nor a zero-list entry, l's zero list likewise. The child's merged view is unchanged
+// at every step, so a crash half way leaves a correct store and the fold is simply redone.
+func (s *Store) foldIntoChild(m *manifest, l, c string) error {
+	lm, cm := m.Layers[l], m.Layers[c]
+	lData, lZero, err := s.presence(l, lm)
+	if err != nil {
+		return err
+	}
+	cData, cZero, err := s.presence(c, cm)
+	if err != nil {
+		return err
+	}
+	covered := union(cData, cZero)
+	if err := s.copyRanges(l, c, subtract(lData, covered)); err != nil {
+		return err
+	}
+	if add := subtract(lZero, covered); len(add) > 0 {
+		if err := writeZeroList(s.zeroPath(c), union(cZero, add)); err != nil {
+			return err
+		}
+	}
+	if err := syncFile(s.layerPath(c)); err != nil {
+		return err
+	}
+	cm.Parent = lm.Parent
+	delete(m.Layers, l)
+	return nil
+}
+
+// foldIntoParent merges layer l into its parent p, which l alone builds on: l's data
+// overwrites p's, l's zero list joins p's and punches p there. Until the commit l still
+// hides every range of p that changes, so a crash half way is harmless.
+func (s *Store) foldIntoParent(m *manifest, l string) error {
+	lm := m.Layers[l]
+	p := lm.Parent
+	pm := m.Layers[p]
+	lData, lZero, err := s.presence(l, lm)
+	if err != nil {
+		return err
+	}
+	_, pZero, err := s.presence(p, pm)
+	if err != nil {
+		return err
+	}
+	if err := s.copyRanges(l, p, lData); err != nil {
+		return err
+	}
+	// A zero-list entry under data of its own layer is stale (data wins): it must not punch
+	// the data just copied.
+	lZero = subtract(lZero, lData)
+	if len(lZero) > 0 || len(pZero) > 0 {
+		if err := writeZeroList(s.zeroPath(p), union(subtract(pZero, lData), lZero)); err != nil {
+			return err
+		}
+	}
+	f, err := os.OpenFile(s.layerPath(p), os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("fold into %s: %w", p, err)
+	}
+	defer f.Close()
+	for _, z := range lZero {
+		if err := punchHole(f, z.Off, z.Len); err != nil {
+			return err
+		}
+	}
+	if err := fdatasync(f); err != nil {
+		return err
+	}
+	for _, k := range m.Layers {
+		if k.Parent == l {
+			k.Parent = p
+		}
+	}
+	delete(m.Layers, l)
+	return nil
+}
+
+// presence reads a layer's data extents and zero list from disk.
+func (s *Store) presence(id string, meta *LayerMeta) (data, zeros []Extent, err error) {
+	f, err := os.Open(s.filePath(id, meta))
+	if err != nil {
+		return nil, nil, fmt.Errorf("layer %s: %w", id, err)
+	}
+	defer f.Close()
+	if data, err = dataExtents(f, meta.Size); err != nil {
+		return nil, nil, err
+	}
+	if meta.State != Base {
+		if zeros, err = readZeroList(s.zeroPath(id), meta.Size); err != nil {
+			return nil, nil, err
+		}
+	}
+	return data, zeros, nil
+}
+
+// copyRanges copies the ranges from layer src to the same offsets of layer dst, with
+// copy_file_range (a reflink on xfs and btrfs, an in-kernel copy elsewhere).
+func (s *Store) copyRanges(src, dst string, ranges []Extent) error {
+	if len(ranges) == 0 {
+		return nil
+	}
+	in, err := os.Open(s.layerPath(src))
+	if err != nil {
+		return fmt.Errorf("merge %s: %w", src, err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(s.layerPath(dst), os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("merge into %s: %w", dst, err)
+	}
+	defer out.Close()
+	for _, r := range ranges {
+		if err := copyRange(out, in, r.Off, r.Len, nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// copyRange copies n bytes at off from in to the same offset of out, falling back to
+// read and write where copy_file_range cannot (across file systems on old kernels).
+// progress, if set, is told of each chunk done.
+func copyRange(out, in *os.File, off, n int64, progress func(int64)) error {
+	const chunk = 64 << 20
+	for n > 0 {
+		roff, woff := off, off
+		c, err := unix.CopyFileRange(int(in.Fd()), &roff, int(out.Fd()), &woff, int(min(n, chunk)), 0)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EXDEV || err == unix.EINVAL || err == unix.ENOSYS || err == unix.EOPNOTSUPP {
+			return copyByHand(out, in, off, n, progress)
+		}
+		if err != nil {
+			return fmt.Errorf("copy %s to %s at %d: %w", in.Name(), out.Name(), off, err)
+		}
+		if c == 0 {
+			return fmt.Errorf("copy %s to %s at %d: %w", in.Name(), out.Name(), off, io.ErrUnexpectedEOF)
+		}
+		off, n = off+int64(c), n-int64(c)
+		if progress != nil {
+			progress(int64(c))
+		}
+	}
+	return nil
+}
+
+func copyByHand(out, in *os.File, off, n int64, progress func(int64)) error {
+	buf := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		p := buf[:min(n, int64(len(buf)))]
+		if err := preadFull(in, p, off); err != nil {
+			return err
+		}
+		if err := pwriteFull(out, p, off); err != nil {
+			return err
+		}
+		off, n = off+int64(len(p)), n-int64(len(p))
+		if progress != nil {
+			progress(int64(len(p)))
+		}
+	}
+	return nil
+}
