@@ -15,6 +15,9 @@ var version = "dev"
 // and returns the process exit code.
 var commands = map[string]func(args []string) int{
 	"image":   imageMain,
+	"serve":   serveMain,
+	"attach":  attachMain,
+	"detach":  detachMain,
 	"version": func([]string) int { fmt.Println(version); return 0 },
 }
 

@@ -1,0 +1,204 @@
+package blockdev
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/rawcow/csi-rawcow/pkg/cow"
+)
+
+// ControlSocket is the name of the control socket in a server's run directory.
+const ControlSocket = "control.sock"
+
+// request is one call on the control socket: a JSON object per line, answered by one.
+type request struct {
+	Op       string            `json:"op"` // attach, detach, snapshot, clone, resize, list
+	Name     string            `json:"name,omitempty"`
+	Target   string            `json:"target,omitempty"` // snapshot or clone name
+	ReadOnly bool              `json:"readOnly,omitempty"`
+	Size     int64             `json:"size,omitempty"`
+	Labels   map[string]string `json:"labels,omitempty"`
+}
+
+type response struct {
+	Error       string       `json:"error,omitempty"`
+	Kind        string       `json:"kind,omitempty"` // the engine sentinel the error wraps
+	Attachments []Attachment `json:"attachments,omitempty"`
+}
+
+// sentinels travel over the socket by name, so a client can still test errors with errors.Is.
+var sentinels = map[string]error{
+	"busy": cow.ErrBusy, "notfound": cow.ErrNotFound, "exists": cow.ErrExists,
+	"invalidname": cow.ErrInvalidName, "shrink": cow.ErrShrink, "readonly": cow.ErrReadOnly,
+	"invalidsize": cow.ErrInvalidSize, "corrupt": cow.ErrCorrupt,
+}
+
+// ServeControl listens on runDir/control.sock (root only) and runs requests on s until the
+// returned listener is closed.
+func (s *Server) ServeControl() (net.Listener, error) {
+	path := filepath.Join(s.runDir, ControlSocket)
+	os.Remove(path) // a socket left by a dead server
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go s.serveConn(conn)
+		}
+	}()
+	return l, nil
+}
+
+func (s *Server) serveConn(conn net.Conn) {
+	defer conn.Close()
+	sc := bufio.NewScanner(conn)
+	enc := json.NewEncoder(conn)
+	for sc.Scan() {
+		var req request
+		var resp response
+		if err := json.Unmarshal(sc.Bytes(), &req); err != nil {
+			resp.Error = fmt.Sprintf("bad request: %v", err)
+		} else {
+			var err error
+			resp.Attachments, err = s.do(req)
+			if err != nil {
+				resp.Error = err.Error()
+				for kind, e := range sentinels {
+					if errors.Is(err, e) {
+						resp.Kind = kind
+					}
+				}
+				klog.ErrorS(err, "Control request failed", "op", req.Op, "name", req.Name)
+			}
+		}
+		if enc.Encode(resp) != nil {
+			return
+		}
+	}
+}
+
+func (s *Server) do(req request) ([]Attachment, error) {
+	switch req.Op {
+	case "attach":
+		a, err := s.Attach(req.Name, req.ReadOnly)
+		if err != nil {
+			return nil, err
+		}
+		return []Attachment{*a}, nil
+	case "detach":
+		return nil, s.Detach(req.Name)
+	case "snapshot":
+		return nil, s.Snapshot(req.Name, req.Target, req.Labels)
+	case "clone":
+		return nil, s.Clone(req.Name, req.Target, req.Labels)
+	case "resize":
+		return nil, s.Resize(req.Name, req.Size)
+	case "list":
+		return s.Attachments(), nil
+	}
+	return nil, fmt.Errorf("unknown operation %q", req.Op)
+}
+
+// Client talks to a server over its control socket.
+type Client struct {
+	mu   sync.Mutex
+	conn net.Conn
+	sc   *bufio.Scanner
+}
+
+// ErrNoServer says that no server listens in the run directory.
+var ErrNoServer = errors.New("no csi-rawcow server is running")
+
+// Dial connects to the server of runDir.
+func Dial(runDir string) (*Client, error) {
+	path := filepath.Join(runDir, ControlSocket)
+	conn, err := net.DialTimeout("unix", path, 5*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("%w (no %s: %v); start one with `csi-rawcow serve`", ErrNoServer, path, err)
+	}
+	return &Client{conn: conn, sc: bufio.NewScanner(conn)}, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+func (c *Client) call(req request) ([]Attachment, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := json.NewEncoder(c.conn).Encode(req); err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if !c.sc.Scan() {
+		return nil, fmt.Errorf("control socket: no answer: %v", c.sc.Err())
+	}
+	var resp response
+	if err := json.Unmarshal(c.sc.Bytes(), &resp); err != nil {
+		return nil, fmt.Errorf("control socket: bad answer: %w", err)
+	}
+	if resp.Error != "" {
+		if e := sentinels[resp.Kind]; e != nil {
+			return nil, fmt.Errorf("%s: %w", resp.Error, e)
+		}
+		return nil, errors.New(resp.Error)
+	}
+	return resp.Attachments, nil
+}
+
+// Attach asks the server to attach a volume or snapshot; see Server.Attach.
+func (c *Client) Attach(name string, readOnly bool) (Attachment, error) {
+	as, err := c.call(request{Op: "attach", Name: name, ReadOnly: readOnly})
+	if err != nil {
+		return Attachment{}, err
+	}
+	if len(as) != 1 {
+		return Attachment{}, fmt.Errorf("control socket: attach answered %d attachments", len(as))
+	}
+	return as[0], nil
+}
+
+// Detach asks the server to detach name.
+func (c *Client) Detach(name string) error {
+	_, err := c.call(request{Op: "detach", Name: name})
+	return err
+}
+
+// Snapshot asks the server to snapshot volume as snap.
+func (c *Client) Snapshot(volume, snap string, labels map[string]string) error {
+	_, err := c.call(request{Op: "snapshot", Name: volume, Target: snap, Labels: labels})
+	return err
+}
+
+// Clone asks the server to clone src as name.
+func (c *Client) Clone(src, name string, labels map[string]string) error {
+	_, err := c.call(request{Op: "clone", Name: src, Target: name, Labels: labels})
+	return err
+}
+
+// Resize asks the server to grow volume to size bytes.
+func (c *Client) Resize(volume string, size int64) error {
+	_, err := c.call(request{Op: "resize", Name: volume, Size: size})
+	return err
+}
+
+// List returns the server's attachments.
+func (c *Client) List() ([]Attachment, error) {
+	return c.call(request{Op: "list"})
+}

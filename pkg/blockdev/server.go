@@ -1,0 +1,318 @@
+// Package blockdev presents open chains of pkg/cow as block devices: one FUSE mount per
+// node serves every attached chain as a file, and a loop device (direct I/O, 4096-byte
+// sectors) is configured on each file. A control socket lets other processes (the image
+// tool, attach/detach) act on attached chains through the serving process, which alone
+// holds their locks.
+package blockdev
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/rawcow/csi-rawcow/pkg/cow"
+)
+
+// Attachment is a chain served as a block device.
+type Attachment struct {
+	Name     string `json:"name"`
+	Device   string `json:"device"`
+	ReadOnly bool   `json:"readOnly"`
+	// Stale: a loop device left by an earlier server process. Its FUSE connection is gone,
+	// so it fails every I/O; attaching the name again replaces it.
+	Stale bool `json:"stale,omitempty"`
+
+	file *servedFile
+}
+
+// Server serves chains of one store as block devices.
+type Server struct {
+	store  *cow.Store
+	runDir string
+	mnt    string
+	fs     *chainFS
+	fuse   *fuse.Server
+
+	mu       sync.Mutex // serializes attach, detach and the chain-changing operations
+	attached map[string]*Attachment
+	stale    map[string]*Attachment
+}
+
+// Options tune the FUSE mount; the zero value is the measured default.
+type Options struct {
+	// MaxBackground is the number of requests the kernel keeps in flight to the server.
+	MaxBackground int
+	// Debug logs every FUSE request.
+	Debug bool
+}
+
+// NewServer mounts the FUSE file system under runDir/fuse and starts serving. Loop devices
+// left over by an earlier server under the same runDir are found and reported as stale.
+func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
+	abs, err := filepath.Abs(runDir)
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	s := &Server{store: store, runDir: abs, mnt: filepath.Join(abs, "fuse"),
+		attached: map[string]*Attachment{}, stale: map[string]*Attachment{}}
+	if err := os.MkdirAll(s.mnt, 0o700); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	if err := s.findStale(); err != nil {
+		return nil, err
+	}
+	// A mount left by a dead server answers ENOTCONN; it must go before we mount again.
+	if _, err := os.Stat(s.mnt); errors.Is(err, unix.ENOTCONN) || isMountPoint(s.mnt) {
+		if err := unix.Unmount(s.mnt, unix.MNT_DETACH); err != nil {
+			return nil, fmt.Errorf("server: unmount stale %s: %w", s.mnt, err)
+		}
+	}
+	if opts.MaxBackground == 0 {
+		opts.MaxBackground = 128
+	}
+	s.fs = newChainFS()
+	s.fuse, err = fuse.NewServer(s.fs, s.mnt, &fuse.MountOptions{
+		FsName:            "csi-rawcow",
+		Name:              "rawcow",
+		MaxWrite:          1 << 20,
+		MaxBackground:     opts.MaxBackground,
+		DisableXAttrs:     true, // else every write costs a GETXATTR(security.capability) upcall
+		ExtraCapabilities: fuse.CAP_ASYNC_DIO,
+		DirectMount:       true,
+		Debug:             opts.Debug,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("server: mount %s: %w", s.mnt, err)
+	}
+	go s.fuse.Serve()
+	if err := s.fuse.WaitMount(); err != nil {
+		s.fuse.Unmount()
+		return nil, fmt.Errorf("server: mount %s: %w", s.mnt, err)
+	}
+	klog.InfoS("Serving chains", "store", store.Dir(), "mount", s.mnt, "stale", len(s.stale))
+	return s, nil
+}
+
+// findStale records the loop devices whose backing file lies in our mount directory: they
+// belong to an earlier server of this runDir.
+func (s *Server) findStale() error {
+	loops, err := Loops(s.mnt)
+	if err != nil {
+		return fmt.Errorf("server: list loop devices: %w", err)
+	}
+	for _, l := range loops {
+		name := filepath.Base(l.Backing)
+		s.stale[name] = &Attachment{Name: name, Device: l.Device, ReadOnly: l.ReadOnly, Stale: true}
+		klog.InfoS("Found loop device of an earlier server", "name", name, "device", l.Device)
+	}
+	return nil
+}
+
+func isMountPoint(dir string) bool {
+	var st, parent unix.Stat_t
+	if unix.Stat(dir, &st) != nil || unix.Stat(filepath.Dir(dir), &parent) != nil {
+		return false
+	}
+	return st.Dev != parent.Dev
+}
+
+// Store returns the store the server serves.
+func (s *Server) Store() *cow.Store { return s.store }
+
+// MountDir returns the directory where attached chains appear as files.
+func (s *Server) MountDir() string { return s.mnt }
+
+// Attach serves a volume (read-write unless readOnly) or a snapshot (always read-only) as a
+// loop device and returns its path. Attaching an attached name again in the same mode
+// returns the same device.
+func (s *Server) Attach(name string, readOnly bool) (*Attachment, error) {
+	if err := cow.ValidateName(name); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if a := s.attached[name]; a != nil {
+		if a.ReadOnly != readOnly {
+			return nil, fmt.Errorf("attach %s: %w: attached with readOnly=%v", name, cow.ErrBusy, a.ReadOnly)
+		}
+		return a, nil
+	}
+	if old := s.stale[name]; old != nil {
+		if err := DetachLoop(old.Device); err != nil {
+			return nil, fmt.Errorf("attach %s: detach stale %s: %w", name, old.Device, err)
+		}
+		delete(s.stale, name)
+	}
+	chain, err := s.openChain(name, readOnly)
+	if err != nil {
+		return nil, err
+	}
+	f := s.fs.add(name, chain)
+	dev, err := AttachLoop(filepath.Join(s.mnt, name), chain.ReadOnly())
+	if err != nil {
+		s.fs.remove(f)
+		chain.Close()
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	a := &Attachment{Name: name, Device: dev, ReadOnly: chain.ReadOnly(), file: f}
+	s.attached[name] = a
+	klog.InfoS("Attached", "name", name, "device", dev, "readOnly", a.ReadOnly)
+	return a, nil
+}
+
+func (s *Server) openChain(name string, readOnly bool) (*cow.Chain, error) {
+	c, err := s.store.OpenSnapshot(name)
+	if errors.Is(err, cow.ErrNotFound) {
+		c, err = s.store.Open(name, cow.OpenOptions{ReadOnly: readOnly})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	return c, nil
+}
+
+// detachWait is how long Detach waits for the kernel to let go of the file after
+// LOOP_CLR_FD; a device still open (mounted) is detached when its last user closes it.
+const detachWait = 5 * time.Second
+
+// Detach releases a name's loop device and closes its chain. It fails with cow.ErrBusy while
+// the device is still open; the kernel then detaches it at the last close, and a later
+// Detach completes.
+func (s *Server) Detach(name string) error {
+	if err := cow.ValidateName(name); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if old := s.stale[name]; old != nil {
+		if err := DetachLoop(old.Device); err != nil {
+			return err
+		}
+		delete(s.stale, name)
+		if s.attached[name] == nil {
+			return nil
+		}
+	}
+	a := s.attached[name]
+	if a == nil {
+		return nil // idempotent
+	}
+	return s.detachLocked(a)
+}
+
+func (s *Server) detachLocked(a *Attachment) error {
+	if err := DetachLoop(a.Device); err != nil {
+		return err
+	}
+	backing := filepath.Join(s.mnt, a.Name)
+	deadline := time.Now().Add(detachWait)
+	for loopServes(a.Device, backing) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("detach %s: %w: %s is still open; it detaches at its last close", a.Name, cow.ErrBusy, a.Device)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.fs.remove(a.file)
+	delete(s.attached, a.Name)
+	if err := a.file.chain.Close(); err != nil {
+		return fmt.Errorf("detach %s: %w", a.Name, err)
+	}
+	klog.InfoS("Detached", "name", a.Name, "device", a.Device)
+	return nil
+}
+
+// loopServes reports whether dev is still attached to backing.
+func loopServes(dev, backing string) bool {
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
+	return err == nil && strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), " (deleted)") == backing
+}
+
+// Attachments lists attached names, stale ones included, sorted by name.
+func (s *Server) Attachments() []Attachment {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Attachment
+	for _, a := range s.attached {
+		out = append(out, *a)
+	}
+	for _, a := range s.stale {
+		if s.attached[a.Name] == nil {
+			out = append(out, *a)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Attached returns the attachment of name, if it is attached.
+func (s *Server) Attached(name string) (Attachment, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	a := s.attached[name]
+	if a == nil {
+		return Attachment{}, false
+	}
+	return *a, true
+}
+
+// Snapshot takes a snapshot of a volume, live if it is attached: its in-flight I/O is
+// quiesced, the top flushed and frozen, and the device goes on with a new top.
+func (s *Server) Snapshot(volume, snap string, labels map[string]string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.store.Snapshot(volume, snap, labels) // routed to the open chain by the store
+}
+
+// Clone makes a new volume over a snapshot or a volume, attached or not.
+func (s *Server) Clone(src, name string, labels map[string]string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.store.Clone(src, name, labels)
+}
+
+// Resize grows a volume; an attached one's loop device takes up the new size at once.
+func (s *Server) Resize(volume string, size int64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.store.Resize(volume, size); err != nil {
+		return err
+	}
+	a := s.attached[volume]
+	if a == nil {
+		return nil
+	}
+	s.fs.invalidate(a.file)
+	// The loop driver reads the size the kernel has cached for the file: refresh it first.
+	if _, err := os.Stat(filepath.Join(s.mnt, volume)); err != nil {
+		return fmt.Errorf("resize %s: %w", volume, err)
+	}
+	return RefreshCapacity(a.Device)
+}
+
+// Close detaches every device it can, flushes and closes every chain and unmounts.
+// Devices still open (mounted) fail I/O from then on, as they would after a crash.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	var errs []error
+	for _, a := range s.attached {
+		if err := s.detachLocked(a); err != nil {
+			errs = append(errs, err)
+			errs = append(errs, a.file.chain.Close())
+		}
+	}
+	s.mu.Unlock()
+	if err := s.fuse.Unmount(); err != nil {
+		errs = append(errs, fmt.Errorf("unmount %s: %w", s.mnt, err))
+		unix.Unmount(s.mnt, unix.MNT_DETACH)
+	}
+	return errors.Join(errs...)
+}
