@@ -130,20 +130,25 @@ func run(t testing.TB, args ...string) {
 	}
 }
 
+// busyRetries is how many times unmount retries on EBUSY, 100 ms apart.
+var busyRetries = 50
+
 // unmount unmounts mnt, retrying for a while on EBUSY and falling back to a lazy
 // unmount, then (for an image) waits for its loop device to be released.
 func unmount(t testing.TB, mnt, image string) {
 	t.Helper()
 	var err error
-	for i := 0; i < 50; i++ {
+	for i := 0; i < busyRetries; i++ {
+		if i > 0 {
+			time.Sleep(100 * time.Millisecond)
+		}
 		if err = unix.Unmount(mnt, 0); !errors.Is(err, unix.EBUSY) {
 			break
 		}
-		time.Sleep(100 * time.Millisecond)
 	}
 	if errors.Is(err, unix.EBUSY) {
 		lerr := unix.Unmount(mnt, unix.MNT_DETACH)
-		t.Errorf("testfs: umount %s: still busy after 5 s (files left open?); lazy umount: %v", mnt, lerr)
+		t.Errorf("testfs: umount %s: still busy after %d tries (files left open?); lazy umount: %v", mnt, busyRetries, lerr)
 		return // the loop device stays until the last user goes away
 	}
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -74,15 +75,61 @@ func TestExtentSizeHint(t *testing.T) {
 	}
 }
 
-// recorder is a testing.TB that records Skip and Fatal instead of acting on them.
+// recorder is a testing.TB that records Skip, Fatal and Errorf instead of acting
+// on them, and collects cleanups for the test to run.
 type recorder struct {
 	testing.TB
-	skipped, failed string
+	skipped, failed, errored string
+	cleanups                 []func()
 }
 
 func (r *recorder) Helper()                           {}
 func (r *recorder) Skip(args ...any)                  { r.skipped = fmt.Sprint(args...) }
 func (r *recorder) Fatalf(format string, args ...any) { r.failed = fmt.Sprintf(format, args...) }
+func (r *recorder) Errorf(format string, args ...any) { r.errored += fmt.Sprintf(format, args...) }
+func (r *recorder) Cleanup(f func())                  { r.cleanups = append(r.cleanups, f) }
+
+func (r *recorder) runCleanups() {
+	for i := len(r.cleanups) - 1; i >= 0; i-- {
+		r.cleanups[i]()
+	}
+	r.cleanups = nil
+}
+
+// TestUnmountBusy leaves a file open at cleanup: the cleanup must report it, fall
+// back to a lazy umount, and the loop device must go once the file is closed.
+func TestUnmountBusy(t *testing.T) {
+	RequireRoot(t)
+	defer func(n int) { busyRetries = n }(busyRetries)
+	busyRetries = 2
+	r := &recorder{TB: t}
+	mnt := Mount(r, "ext4", 0)
+	if r.failed != "" || r.skipped != "" {
+		t.Fatalf("Mount: failed %q, skipped %q", r.failed, r.skipped)
+	}
+	f, err := os.Create(filepath.Join(mnt, "open"))
+	if err != nil {
+		r.runCleanups()
+		t.Fatal(err)
+	}
+	r.runCleanups()
+	f.Close()
+	if !strings.Contains(r.errored, "still busy") {
+		t.Errorf("cleanup reported %q, want a busy error", r.errored)
+	}
+	if mounts, err := os.ReadFile("/proc/mounts"); err != nil || bytes.Contains(mounts, []byte(" "+mnt+" ")) {
+		t.Errorf("%s still mounted after lazy umount (%v)", mnt, err)
+	}
+	image := filepath.Join(filepath.Dir(mnt), "ext4.img")
+	var out []byte
+	for i := 0; i < 50; i++ {
+		if out, err = exec.Command("losetup", "-j", image).CombinedOutput(); err == nil && len(bytes.TrimSpace(out)) == 0 {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Errorf("loop device of %s not released after the last file closed: %v %q", image, err, out)
+}
 
 func TestSkip(t *testing.T) {
 	t.Setenv("CI", "")

@@ -88,7 +88,9 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 		DisableXAttrs:     true, // else every write costs a GETXATTR(security.capability) upcall
 		ExtraCapabilities: fuse.CAP_ASYNC_DIO,
 		DirectMount:       true,
-		Debug:             opts.Debug,
+		// Reads answer with data, not file descriptors: a splice attempt would only cost.
+		DisableSplice: true,
+		Debug:         opts.Debug,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("server: mount %s: %w", s.mnt, err)

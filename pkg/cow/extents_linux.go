@@ -126,18 +126,17 @@ func appendCoalesced(list []Extent, off, end int64) []Extent {
 	return append(list, Extent{Off: off, Len: end - off})
 }
 
-// fiemapExtents maps [0, size) of f with FS_IOC_FIEMAP and returns, coalesced and
-// clipped, the extents flagged FIEMAP_EXTENT_UNWRITTEN when unwritten is true, or
-// all the others when it is false. The file is synced (FIEMAP_FLAG_SYNC) by the
-// first call, so dirty page cache is mapped as it will be on disk; later calls of
-// the same walk do not sync again. It returns an error satisfying isUnsupported
-// when the file system has no FIEMAP.
-func fiemapExtents(f *os.File, size int64, unwritten bool) ([]Extent, error) {
+// fiemapExtents maps [0, size) of f with FS_IOC_FIEMAP in one walk and returns,
+// each sorted, coalesced and clipped, the written extents (every extent not
+// flagged FIEMAP_EXTENT_UNWRITTEN) and the unwritten ones. The file is synced
+// (FIEMAP_FLAG_SYNC) by the first ioctl, so dirty page cache is mapped as it will
+// be on disk; later ioctls of the same walk do not sync again. It returns an
+// error satisfying isUnsupported when the file system has no FIEMAP.
+func fiemapExtents(f *os.File, size int64) (data, unwritten []Extent, err error) {
 	if size <= 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
 	fm := new(fiemap)
-	var out []Extent
 	next := int64(0)
 	flags := uint32(fiemapFlagSync)
 	for next < size {
@@ -147,17 +146,17 @@ func fiemapExtents(f *os.File, size int64, unwritten bool) ([]Extent, error) {
 		fm.mappedExtents = 0
 		fm.extentCount = fiemapBatch
 		if err := ioctlPtr(f, fsIocFiemap, unsafe.Pointer(fm)); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		flags = 0
 		n := int(fm.mappedExtents)
 		if n == 0 {
 			break
 		}
-		prev := next
 		if n > fiemapBatch {
-			return nil, fmt.Errorf("kernel mapped %d extents into a buffer of %d", n, fiemapBatch)
+			return nil, nil, fmt.Errorf("kernel mapped %d extents into a buffer of %d", n, fiemapBatch)
 		}
+		prev := next
 		last := false
 		for i := range fm.extents[:n] {
 			fe := &fm.extents[i]
@@ -169,20 +168,21 @@ func fiemapExtents(f *os.File, size int64, unwritten bool) ([]Extent, error) {
 			if end > next {
 				next = end
 			}
-			if (fe.flags&fiemapExtentUnwritten != 0) != unwritten {
-				continue
-			}
 			end = min(end, size)
 			if end <= off {
 				continue
 			}
-			out = appendCoalesced(out, off, end)
+			if fe.flags&fiemapExtentUnwritten != 0 {
+				unwritten = appendCoalesced(unwritten, off, end)
+			} else {
+				data = appendCoalesced(data, off, end)
+			}
 		}
 		if last || next <= prev {
 			break
 		}
 	}
-	return out, nil
+	return data, unwritten, nil
 }
 
 // seekDataExtents maps the data of f within [0, size) with SEEK_DATA/SEEK_HOLE.
@@ -237,18 +237,8 @@ func seekDataExtents(f *os.File, size int64) ([]Extent, error) {
 // SHARED, INLINE, ...) is. It uses FS_IOC_FIEMAP with FIEMAP_FLAG_SYNC and falls
 // back to SEEK_DATA/SEEK_HOLE where FIEMAP is unsupported (tmpfs, NFS).
 func dataExtents(f *os.File, size int64) ([]Extent, error) {
-	out, err := fiemapExtents(f, size, false)
-	if isUnsupported(err) {
-		out, err = seekDataExtents(f, size)
-		if err != nil {
-			return nil, fmt.Errorf("seek data %s: %w", f.Name(), err)
-		}
-		return out, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("fiemap %s: %w", f.Name(), err)
-	}
-	return out, nil
+	data, _, err := layerExtents(f, size)
+	return data, err
 }
 
 // unwrittenExtents returns the UNWRITTEN extents of f within [0, size), sorted,
@@ -256,14 +246,32 @@ func dataExtents(f *os.File, size int64) ([]Extent, error) {
 // unsupported it returns nil without error: such a file system (tmpfs) has no
 // unwritten state that could survive a crash.
 func unwrittenExtents(f *os.File, size int64) ([]Extent, error) {
-	out, err := fiemapExtents(f, size, true)
+	_, unwritten, err := fiemapExtents(f, size)
 	if isUnsupported(err) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("fiemap %s: %w", f.Name(), err)
 	}
-	return out, nil
+	return unwritten, nil
+}
+
+// layerExtents returns what dataExtents and unwrittenExtents return, from a single
+// FIEMAP walk: the walk is the whole cost (about 0.5 us per extent on ext4 and
+// xfs, 2 us on btrfs), so a caller that needs both should call this once.
+func layerExtents(f *os.File, size int64) (data, unwritten []Extent, err error) {
+	data, unwritten, err = fiemapExtents(f, size)
+	if isUnsupported(err) {
+		data, err = seekDataExtents(f, size)
+		if err != nil {
+			return nil, nil, fmt.Errorf("seek data %s: %w", f.Name(), err)
+		}
+		return data, nil, nil
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("fiemap %s: %w", f.Name(), err)
+	}
+	return data, unwritten, nil
 }
 
 // punchHole deallocates [off, off+n) of f, keeping its size

@@ -54,7 +54,7 @@ func OpenStore(dir string) (*Store, error) {
 // Dir returns the store's absolute path.
 func (s *Store) Dir() string { return s.dir }
 
-func (s *Store) manifestPath() string      { return filepath.Join(s.dir, "manifest.json") }
+func (s *Store) manifestPath() string       { return filepath.Join(s.dir, "manifest.json") }
 func (s *Store) layerPath(id string) string { return filepath.Join(s.dir, "layers", id+".raw") }
 func (s *Store) zeroPath(id string) string  { return filepath.Join(s.dir, "layers", id+".zero") }
 func (s *Store) lockPath(name string) string {
