@@ -287,8 +287,11 @@ func parseSize(s string) (int64, error) {
 	if num == "" || strings.Count(num, ".") > 1 || num[0] == '.' || num[len(num)-1] == '.' {
 		return 0, fmt.Errorf("invalid size %q: want a number and an optional unit (K, M, G, T, P, E)", s)
 	}
-	if len(unit) > 1 {
-		unit = strings.TrimSuffix(strings.TrimSuffix(unit, "B"), "I")
+	switch {
+	case len(unit) == 3 && unit[1:] == "IB" && unit[0] != 'B':
+		unit = unit[:1]
+	case len(unit) == 2 && unit[1] == 'B' && unit[0] != 'B':
+		unit = unit[:1]
 	}
 	mult, ok := sizeUnits[unit]
 	if !ok {

@@ -64,8 +64,12 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 	}
 	s := &Server{store: store, runDir: abs, mnt: filepath.Join(abs, "fuse"),
 		attached: map[string]*Attachment{}, stale: map[string]*Attachment{}}
-	if err := os.MkdirAll(s.mnt, 0o700); err != nil {
+	if err := os.MkdirAll(s.runDir, 0o700); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
+	}
+	if c, err := Dial(s.runDir); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("server: another server is running in %s", s.runDir)
 	}
 	if err := s.findStale(); err != nil {
 		return nil, err
@@ -75,6 +79,9 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 		if err := unix.Unmount(s.mnt, unix.MNT_DETACH); err != nil {
 			return nil, fmt.Errorf("server: unmount stale %s: %w", s.mnt, err)
 		}
+	}
+	if err := os.MkdirAll(s.mnt, 0o700); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
 	}
 	if opts.MaxBackground == 0 {
 		opts.MaxBackground = 128

@@ -451,12 +451,15 @@ func (c *Chain) flushLocked() error {
 				return fmt.Errorf("flush %s: %w", c.name, err)
 			}
 		}
+		// Flush reads zeroDirty under idxMu alone, without c.io: write it under idxMu.
+		c.idxMu.Lock()
 		c.zeroCand = newRangeMap[bool]()
 		for _, e := range list {
 			c.zeroCand.set(e.Off, e.End(), true)
 		}
 		c.unpunched = newRangeMap[bool]()
 		c.zeroDirty = false
+		c.idxMu.Unlock()
 	}
 	return fdatasync(top.f)
 }

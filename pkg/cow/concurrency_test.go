@@ -624,7 +624,7 @@ func TestConcurrentClose(t *testing.T) {
 				var err error
 				switch r.IntN(6) {
 				case 0, 1:
-					fillWords(buf, off, tagFull, byte(w), seq)
+					fillWords(buf[:100*8], off+64, tagFull, byte(w), seq)
 					_, err = c.WriteAt(buf[:100*8], off+64) // partial: copy-up
 					if err == nil {
 						lastOK[w][k].Store(seq)

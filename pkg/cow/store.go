@@ -426,7 +426,7 @@ func (s *Store) openLayerFile(id string, meta *LayerMeta, writable bool) (l *ope
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s: %w", id, err)
 	}
-	if meta.State == Base && fi.ModTime().UnixNano() != meta.MTime {
+	if meta.State == Base && (fi.ModTime().UnixNano() != meta.MTime || fi.Size() != meta.Size) {
 		return nil, nil, nil, fmt.Errorf("%w: %s was modified after chains were built on it", ErrBaseChanged, path)
 	}
 	if writable && fi.Size() < meta.Size {
@@ -437,47 +437,44 @@ func (s *Store) openLayerFile(id string, meta *LayerMeta, writable bool) (l *ope
 	} else if !fi.Mode().IsRegular() || fi.Size() != meta.Size {
 		return nil, nil, nil, fmt.Errorf("%w: layer %s (%s) has %d bytes, the manifest says %d", ErrCorrupt, id, path, fi.Size(), meta.Size)
 	}
-	if writable {
-		if err := readyTop(f, meta.Size); err != nil {
-			return nil, nil, nil, fmt.Errorf("layer %s: %w", id, err)
-		}
-	}
 	if meta.State != Base {
 		if zeros, err = readZeroList(s.zeroPath(id), meta.Size); err != nil {
 			return nil, nil, nil, fmt.Errorf("layer %s: %w", id, err)
 		}
 	}
-	if data, err = dataExtents(f, meta.Size); err != nil {
+	if writable {
+		data, err = readyTop(f, meta.Size)
+	} else {
+		data, err = dataExtents(f, meta.Size)
+	}
+	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s: %w", id, err)
 	}
 	return &openLayer{id: id, meta: *meta, f: f}, zeros, data, nil
 }
 
-// readyTop makes a writable top safe to write: its extent size hint must be gone (a hint
-// would turn every small write into a large allocation), and unwritten extents, the
-// leftovers of writes a crash interrupted, are punched out so no file system can later
-// turn them into written zeros (DESIGN §2).
-func readyTop(f *os.File, size int64) error {
+// readyTop makes a writable top safe to write and returns its data extents: its extent size
+// hint must be gone (a hint would turn every small write into a large allocation), and
+// unwritten extents, the leftovers of writes a crash interrupted, are punched out so that no
+// file system can later turn them into written zeros (DESIGN §2).
+func readyTop(f *os.File, size int64) ([]Extent, error) {
 	hint, err := extentSizeHint(f)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if hint > 0 {
 		if err := clearExtentSizeHint(f); err != nil {
-			return fmt.Errorf("%w (%d bytes) that cannot be cleared: %v", ErrExtentHint, hint, err)
-		}
-		if hint, err = extentSizeHint(f); err != nil || hint > 0 {
-			return fmt.Errorf("%w (%d bytes) that cannot be cleared", ErrExtentHint, hint)
+			return nil, fmt.Errorf("%w (%d bytes) that cannot be cleared: %v", ErrExtentHint, hint, err)
 		}
 	}
-	unwritten, err := unwrittenExtents(f, size)
+	data, unwritten, err := layerExtents(f, size)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	for _, e := range unwritten {
 		if err := punchHole(f, e.Off, e.Len); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	return nil
+	return data, nil
 }
