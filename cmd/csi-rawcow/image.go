@@ -490,7 +490,7 @@ func imageMap(t *imageTool, fs *flag.FlagSet, args []string) error {
 	}
 	c, err := st.OpenName(pos[0])
 	if err != nil {
-		return err
+		return busyHint(err)
 	}
 	entries := c.Map()
 	if err := c.Close(); err != nil {
@@ -515,6 +515,14 @@ func imageMap(t *imageTool, fs *flag.FlagSet, args []string) error {
 		fmt.Fprintf(tw, "%#x\t%#x\t%s\t%s\n", e.Off, e.Len, depth, layer)
 	}
 	return tw.Flush()
+}
+
+// busyHint says what to do about a volume that is attached: read a snapshot of it instead.
+func busyHint(err error) error {
+	if errors.Is(err, cow.ErrBusy) {
+		return fmt.Errorf("%w (snapshot it and use the snapshot)", err)
+	}
+	return err
 }
 
 // needKind fails unless name is a volume or snapshot of the given kind.
@@ -776,7 +784,7 @@ func imageFlatten(t *imageTool, fs *flag.FlagSet, args []string) error {
 	bar := newProgress(t.progress, "flatten "+name)
 	if err := st.Export(name, dst, bar.Update); err != nil {
 		bar.Abort()
-		return err
+		return busyHint(err)
 	}
 	bar.Finish()
 	var sys syscall.Stat_t
@@ -807,6 +815,12 @@ func imageCheck(t *imageTool, fs *flag.FlagSet, args []string) error {
 	layersDir := filepath.Join(st.Dir(), "layers")
 	before := dirNames(layersDir)
 	probs, err := st.Check(*repair)
+	var repairErr error
+	if err != nil && *repair {
+		// Repair could not run (say, the manifest does not parse): still report what is wrong.
+		repairErr = err
+		probs, err = st.Check(false)
+	}
 	if err != nil {
 		return err
 	}
@@ -836,13 +850,23 @@ func imageCheck(t *imageTool, fs *flag.FlagSet, args []string) error {
 		if rep.Clean {
 			fmt.Fprintln(t.stdout, "No errors were found in the store.")
 		} else {
-			fmt.Fprintf(t.stdout, "%d problems were found in the store.\n", len(probs))
+			fmt.Fprintf(t.stdout, "%d %s found in the store.\n", len(probs), plural(len(probs), "problem was", "problems were"))
 		}
+	}
+	if repairErr != nil {
+		return fmt.Errorf("repair: %w", repairErr)
 	}
 	if !rep.Clean {
 		return exitStatus(1)
 	}
 	return nil
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
 }
 
 // dirNames lists the names in dir, sorted; nil when it cannot be read.
@@ -903,6 +927,7 @@ func imageDiff(t *imageTool, fs *flag.FlagSet, args []string) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	fmt.Fprintf(t.stdout, "%s in %d extents may differ between %s and %s\n", sizeWithBytes(rep.Bytes), len(rep.Extents), pos[0], pos[1])
+	fmt.Fprintf(t.stdout, "%s in %d %s may differ between %s and %s\n", sizeWithBytes(rep.Bytes), len(rep.Extents),
+		plural(len(rep.Extents), "extent", "extents"), pos[0], pos[1])
 	return nil
 }

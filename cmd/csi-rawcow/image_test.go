@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/rawcow/csi-rawcow/internal/testfs"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
 
@@ -51,13 +52,9 @@ func goTool() string {
 // need skips a test that cannot run here, or fails it in CI, where it must run.
 func need(t *testing.T, ok bool, reason string) {
 	t.Helper()
-	if ok {
-		return
+	if !ok {
+		testfs.Skip(t, "%s", reason)
 	}
-	if os.Getenv("CI") != "" {
-		t.Fatalf("cannot run in CI: %s", reason)
-	}
-	t.Skipf("skipped: %s", reason)
 }
 
 // needTools requires root and the given commands.
@@ -255,7 +252,22 @@ const (
 // TestImageEndToEnd drives every subcommand over one store and checks each result against
 // a flat model of what the volumes must read.
 func TestImageEndToEnd(t *testing.T) {
-	store := filepath.Join(t.TempDir(), "store")
+	endToEnd(t, filepath.Join(t.TempDir(), "store"))
+}
+
+// TestImageEndToEndFS runs the same on each file system a store may live on.
+func TestImageEndToEndFS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: one file system is enough")
+	}
+	for _, kind := range testfs.Kinds() {
+		t.Run(kind, func(t *testing.T) {
+			endToEnd(t, filepath.Join(testfs.Mount(t, kind, 512<<20), "store"))
+		})
+	}
+}
+
+func endToEnd(t *testing.T, store string) {
 	base := filepath.Join(t.TempDir(), "base.raw")
 
 	// The base: 3 MiB + 1000 bytes (not a multiple of 4096), data with a hole at [1M, 2M).
@@ -471,14 +483,20 @@ func TestImageEndToEnd(t *testing.T) {
 	}
 	flattenAndCompare(t, store, "c1", model1)
 
-	// delete c1: l1 is then needed only through l2, so it is merged into l2.
+	// delete c1: l1 then only lengthens the chain below l2, so one of the two is merged into
+	// the other (the engine may fold l1 into l2, or l2 into l1: both keep every view).
 	out = mustRun(t, store, "delete", "c1")
-	if !strings.Contains(out, "deleted volume c1; layers freed: 1, merged into other chains: 1") {
+	if !strings.HasPrefix(out, "deleted volume c1; layers freed: 1, ") {
 		t.Fatalf("delete c1 said %q", out)
 	}
 	vol = infoOf(t, store, "vol")
-	if slices.Contains(layerIDs(vol), l1.ID) || len(vol.Layers) != 3 || exists(l1.Path) {
-		t.Fatalf("after delete c1, vol has layers %v; l1's file exists: %v", layerIDs(vol), exists(l1.Path))
+	has1, has2 := slices.Contains(layerIDs(vol), l1.ID), slices.Contains(layerIDs(vol), l2.ID)
+	if len(vol.Layers) != 3 || has1 == has2 || has1 != exists(l1.Path) || has2 != exists(l2.Path) {
+		t.Fatalf("after delete c1, vol has layers %v (l1 %s, l2 %s); files exist: %v, %v",
+			layerIDs(vol), l1.ID, l2.ID, exists(l1.Path), exists(l2.Path))
+	}
+	if has2 && !strings.Contains(out, "merged into other chains: 1") {
+		t.Fatalf("delete c1 merged l1 into l2 but said %q", out)
 	}
 	flattenAndCompare(t, store, "vol", model2g)
 	flattenAndCompare(t, store, "c2", model2)
@@ -508,8 +526,10 @@ func TestImageEndToEnd(t *testing.T) {
 		t.Fatalf("delete s3 said %q; its file exists: %v", out, exists(s3Layer.Path))
 	}
 	after := storeAllocated(ptrs(decode[[]cow.Info](t, mustRun(t, store, "list", "--json"))))
-	if before-after < 256*KiB {
-		t.Fatalf("deleting s3 freed %d bytes, want at least %d", before-after, 256*KiB)
+	// Freeing s3 lets the engine merge l2 into vol's top too; the file system's metadata
+	// blocks (extent trees) may move between layers then, by a block or two.
+	if s3Layer.Allocated < 256*KiB || before-after < s3Layer.Allocated-2*cow.BlockSize {
+		t.Fatalf("deleting s3 (%d bytes allocated) freed %d bytes", s3Layer.Allocated, before-after)
 	}
 
 	if out := mustRun(t, store, "check"); !strings.Contains(out, "No errors") {
@@ -803,4 +823,58 @@ func TestHumanSize(t *testing.T) {
 			t.Errorf("humanSize(%d) = %q, want %q", in, got, want)
 		}
 	}
+}
+
+// TestImageCheckCorruptManifest: a manifest that does not parse is a problem check reports,
+// with or without --repair, and leaves as it is.
+func TestImageCheckCorruptManifest(t *testing.T) {
+	store := newSmallStore(t)
+	path := filepath.Join(store, "manifest.json")
+	if err := os.WriteFile(path, []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	state := storeState(t, store)
+	r := run(t, store, "check")
+	if r.code != 1 || !strings.HasPrefix(r.stdout, "manifest.json: ") {
+		t.Fatalf("check: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	r = mustFail(t, store, 1, "corrupt store", "check", "--repair")
+	if !strings.HasPrefix(r.stdout, "manifest.json: ") || !strings.HasPrefix(r.stderr, "csi-rawcow image check: repair: ") {
+		t.Fatalf("check --repair: %s%s", r.stdout, r.stderr)
+	}
+	mustFail(t, store, 1, "corrupt store", "list")
+	if storeState(t, store) != state {
+		t.Fatal("check changed a store whose manifest does not parse")
+	}
+}
+
+// TestImageBusy: a volume open read-write elsewhere (attached) is not read or changed behind
+// its server's back; its snapshots are.
+func TestImageBusy(t *testing.T) {
+	store := newSmallStore(t)
+	st, err := cow.OpenStore(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := st.Open("vol", cow.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	state := storeState(t, store)
+	dst := filepath.Join(t.TempDir(), "vol.raw")
+	for _, args := range [][]string{
+		{"map", "vol"}, {"flatten", "vol", dst}, {"snapshot", "vol", "s2"}, {"resize", "vol", "+1M"},
+		{"delete", "vol"}, {"clone", "vol", "c2"},
+	} {
+		mustFail(t, store, 1, "in use", args...)
+	}
+	if r := run(t, store, "flatten", "vol", dst); !strings.Contains(r.stderr, "snapshot it and use the snapshot") || exists(dst) {
+		t.Fatalf("flatten of an attached volume: %q; output exists: %v", r.stderr, exists(dst))
+	}
+	if storeState(t, store) != state {
+		t.Fatal("a refused command changed the store")
+	}
+	mustRun(t, store, "info", "vol")
+	mustRun(t, store, "flatten", "snap", dst)
 }

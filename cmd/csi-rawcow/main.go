@@ -14,6 +14,7 @@ var version = "dev"
 // commands maps each subcommand to its entry point, which gets the remaining arguments
 // and returns the process exit code.
 var commands = map[string]func(args []string) int{
+	"driver":  driverMain,
 	"image":   imageMain,
 	"serve":   serveMain,
 	"attach":  attachMain,

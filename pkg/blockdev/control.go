@@ -102,7 +102,7 @@ func (s *Server) do(req request) ([]Attachment, error) {
 		if err != nil {
 			return nil, err
 		}
-		return []Attachment{*a}, nil
+		return []Attachment{a}, nil
 	case "detach":
 		return nil, s.Detach(req.Name)
 	case "snapshot":
@@ -112,16 +112,18 @@ func (s *Server) do(req request) ([]Attachment, error) {
 	case "resize":
 		return nil, s.Resize(req.Name, req.Size)
 	case "list":
-		return s.Attachments(), nil
+		return s.List()
 	}
 	return nil, fmt.Errorf("unknown operation %q", req.Op)
 }
 
-// Client talks to a server over its control socket.
+// Client talks to a server over its control socket. It reconnects when the server was
+// restarted since the last call.
 type Client struct {
-	mu   sync.Mutex
-	conn net.Conn
-	sc   *bufio.Scanner
+	runDir string
+	mu     sync.Mutex
+	conn   net.Conn
+	sc     *bufio.Scanner
 }
 
 // ErrNoServer says that no server listens in the run directory.
@@ -129,25 +131,64 @@ var ErrNoServer = errors.New("no csi-rawcow server is running")
 
 // Dial connects to the server of runDir.
 func Dial(runDir string) (*Client, error) {
-	path := filepath.Join(runDir, ControlSocket)
+	c := &Client{runDir: runDir}
+	if err := c.connect(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *Client) connect() error {
+	path := filepath.Join(c.runDir, ControlSocket)
 	conn, err := net.DialTimeout("unix", path, 5*time.Second)
 	if err != nil {
-		return nil, fmt.Errorf("%w (no %s: %v); start one with `csi-rawcow serve`", ErrNoServer, path, err)
+		return fmt.Errorf("%w (no %s: %v); start one with `csi-rawcow serve`", ErrNoServer, path, err)
 	}
-	return &Client{conn: conn, sc: bufio.NewScanner(conn)}, nil
+	c.conn, c.sc = conn, bufio.NewScanner(conn)
+	return nil
 }
 
 // Close closes the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn == nil {
+		return nil
+	}
+	err := c.conn.Close()
+	c.conn = nil
+	return err
+}
 
 func (c *Client) call(req request) ([]Attachment, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if err := json.NewEncoder(c.conn).Encode(req); err != nil {
+	line, err := json.Marshal(req)
+	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
+	line = append(line, '\n')
+	// A request that could not be sent was not run: send it once more on a new connection.
+	for attempt := 0; ; attempt++ {
+		if c.conn == nil {
+			if err := c.connect(); err != nil {
+				return nil, err
+			}
+		}
+		if _, err = c.conn.Write(line); err == nil {
+			break
+		}
+		c.conn.Close()
+		c.conn = nil
+		if attempt == 1 {
+			return nil, fmt.Errorf("control socket: %w", err)
+		}
+	}
 	if !c.sc.Scan() {
-		return nil, fmt.Errorf("control socket: no answer: %v", c.sc.Err())
+		err := c.sc.Err()
+		c.conn.Close()
+		c.conn = nil
+		return nil, fmt.Errorf("control socket: no answer from the server: %v", err)
 	}
 	var resp response
 	if err := json.Unmarshal(c.sc.Bytes(), &resp); err != nil {

@@ -22,6 +22,22 @@ import (
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
 
+// Service is what a node needs of the presentation: the in-process Server and a Client of
+// a server in another process both provide it.
+type Service interface {
+	Attach(name string, readOnly bool) (Attachment, error)
+	Detach(name string) error
+	Snapshot(volume, snap string, labels map[string]string) error
+	Clone(src, name string, labels map[string]string) error
+	Resize(volume string, size int64) error
+	List() ([]Attachment, error)
+}
+
+var (
+	_ Service = (*Server)(nil)
+	_ Service = (*Client)(nil)
+)
+
 // Attachment is a chain served as a block device.
 type Attachment struct {
 	Name     string `json:"name"`
@@ -143,7 +159,15 @@ func (s *Server) MountDir() string { return s.mnt }
 // Attach serves a volume (read-write unless readOnly) or a snapshot (always read-only) as a
 // loop device and returns its path. Attaching an attached name again in the same mode
 // returns the same device.
-func (s *Server) Attach(name string, readOnly bool) (*Attachment, error) {
+func (s *Server) Attach(name string, readOnly bool) (Attachment, error) {
+	a, err := s.attach(name, readOnly)
+	if err != nil {
+		return Attachment{}, err
+	}
+	return *a, nil
+}
+
+func (s *Server) attach(name string, readOnly bool) (*Attachment, error) {
 	if err := cow.ValidateName(name); err != nil {
 		return nil, err
 	}
@@ -245,8 +269,8 @@ func loopServes(dev, backing string) bool {
 	return err == nil && strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), " (deleted)") == backing
 }
 
-// Attachments lists attached names, stale ones included, sorted by name.
-func (s *Server) Attachments() []Attachment {
+// List returns the attached names, stale ones included, sorted by name.
+func (s *Server) List() ([]Attachment, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []Attachment
@@ -259,18 +283,7 @@ func (s *Server) Attachments() []Attachment {
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out
-}
-
-// Attached returns the attachment of name, if it is attached.
-func (s *Server) Attached(name string) (Attachment, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	a := s.attached[name]
-	if a == nil {
-		return Attachment{}, false
-	}
-	return *a, true
+	return out, nil
 }
 
 // Snapshot takes a snapshot of a volume, live if it is attached: its in-flight I/O is

@@ -272,7 +272,8 @@ func (p Problem) String() string { return p.Subject + ": " + p.Message }
 // With repair, unused layers and stray files are removed (nothing in use is touched).
 func (s *Store) Check(repair bool) ([]Problem, error) {
 	if repair {
-		if err := s.Collect(); err != nil {
+		// A store too damaged to collect in still gets its problems listed below.
+		if err := s.Collect(); err != nil && !errors.Is(err, ErrCorrupt) {
 			return nil, err
 		}
 	}
@@ -354,9 +355,90 @@ func (s *Store) Check(repair bool) ([]Problem, error) {
 	}
 	for _, e := range entries {
 		id, _, _ := strings.Cut(e.Name(), ".")
+		if strings.HasPrefix(e.Name(), ".") {
+			// The temp file of an atomic write: a live chain may be writing its zero list,
+			// or a crash left it; like removeUnlisted, count it only once it is old.
+			if fi, err := e.Info(); err != nil || time.Since(fi.ModTime()) < time.Hour {
+				continue
+			}
+		}
 		if l := m.Layers[id]; l == nil || l.State == Base {
 			add("layers/"+e.Name(), "stray file: no layer of the manifest")
 		}
 	}
 	return probs, nil
+}
+
+// DataExtents returns the ranges of f below size that hold written data, as the engine sees
+// a layer: unwritten extents and holes are absent.
+func DataExtents(f *os.File, size int64) ([]Extent, error) { return dataExtents(f, size) }
+
+// CopyRange copies n bytes at off from in to the same offset of out, with copy_file_range
+// where the kernel can. progress, if set, is told of every chunk copied.
+func CopyRange(out, in *os.File, off, n int64, progress func(int64)) error {
+	return copyRange(out, in, off, n, progress)
+}
+
+// baseUsers returns the volumes and snapshots whose chains rest on the base file at path.
+func (m *manifest) baseUsers(path string) []string {
+	var users []string
+	for _, kind := range []map[string]string{m.volumeTops(), m.snapshotLayers()} {
+		for _, name := range sortedKeys(kind) {
+			ids, err := m.ancestry(kind[name])
+			if err == nil && len(ids) > 0 {
+				if b := m.Layers[ids[0]]; b.State == Base && b.Path == path {
+					users = append(users, name)
+				}
+			}
+		}
+	}
+	return users
+}
+
+func (m *manifest) volumeTops() map[string]string {
+	out := make(map[string]string, len(m.Volumes))
+	for name, v := range m.Volumes {
+		out[name] = v.Top
+	}
+	return out
+}
+
+func (m *manifest) snapshotLayers() map[string]string {
+	out := make(map[string]string, len(m.Snapshots))
+	for name, sn := range m.Snapshots {
+		out[name] = sn.Layer
+	}
+	return out
+}
+
+// BaseUsers returns the volumes and snapshots built on the base file at path.
+func (s *Store) BaseUsers(path string) ([]string, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, err
+	}
+	m, release, err := s.read()
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	return m.baseUsers(abs), nil
+}
+
+// RemoveBase deletes the base file at path unless a chain rests on it. It holds the store's
+// lock throughout, so no volume can be created on the file meanwhile.
+func (s *Store) RemoveBase(path string) error {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return err
+	}
+	return s.tx(func(m *manifest) error {
+		if users := m.baseUsers(abs); len(users) > 0 {
+			return fmt.Errorf("%s: %w: used by %s", path, ErrBusy, strings.Join(users, ", "))
+		}
+		if err := os.Remove(abs); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove %s: %w", path, err)
+		}
+		return nil
+	})
 }

@@ -82,6 +82,7 @@ func readManifest(path string) (*manifest, error) {
 		return nil, fmt.Errorf("read manifest: %w", err)
 	}
 	m := newManifest()
+	m.Format = 0 // a manifest without a format is not one this build wrote
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(m); err != nil {
@@ -97,7 +98,9 @@ func readManifest(path string) (*manifest, error) {
 }
 
 // validate checks what every later path computation relies on: ids of the right shape,
-// references that resolve. Cycles and sizes are Check's business and are caught at open.
+// references that resolve, parent links without cycles (a dangling reference would make
+// operations dereference a missing entry, and removeUnlisted delete a needed file). Sizes
+// are Check's business and are caught at open.
 func (m *manifest) validate() error {
 	if m.Layers == nil || m.Volumes == nil || m.Snapshots == nil {
 		return errors.New("missing layers, volumes or snapshots")
@@ -135,6 +138,9 @@ func (m *manifest) validate() error {
 		if v == nil || !validLayerID(v.Top) {
 			return fmt.Errorf("volume %s: bad top", name)
 		}
+		if m.Layers[v.Top] == nil {
+			return fmt.Errorf("volume %s: top layer %s is missing", name, v.Top)
+		}
 	}
 	for name, s := range m.Snapshots {
 		if err := ValidateName(name); err != nil {
@@ -142,6 +148,29 @@ func (m *manifest) validate() error {
 		}
 		if s == nil || !validLayerID(s.Layer) {
 			return fmt.Errorf("snapshot %s: bad layer", name)
+		}
+		if m.Layers[s.Layer] == nil {
+			return fmt.Errorf("snapshot %s: layer %s is missing", name, s.Layer)
+		}
+	}
+	for id, l := range m.Layers {
+		if l.Parent != "" && m.Layers[l.Parent] == nil {
+			return fmt.Errorf("layer %s: parent layer %s is missing", id, l.Parent)
+		}
+	}
+	done := map[string]bool{} // layers whose ancestry is known to end
+	for id := range m.Layers {
+		var path []string
+		onPath := map[string]bool{}
+		for x := id; x != "" && !done[x]; x = m.Layers[x].Parent {
+			if onPath[x] {
+				return fmt.Errorf("parent links of layer %s form a cycle", x)
+			}
+			onPath[x] = true
+			path = append(path, x)
+		}
+		for _, x := range path {
+			done[x] = true
 		}
 	}
 	return nil

@@ -28,12 +28,32 @@ func (s *Store) withVolume(name string, live func(c *Chain) error, offline func(
 	if c := s.openVolume(name); c != nil {
 		return live(c)
 	}
+	if err := s.mustBeVolume(name); err != nil {
+		return err
+	}
 	lk, err := s.lockVolume(name, unix.LOCK_EX)
 	if err != nil {
 		return err
 	}
 	defer lk.Close()
 	return offline()
+}
+
+// mustBeVolume fails with ErrNotFound unless name is a volume: no lock file is ever made for
+// a name that is not one.
+func (s *Store) mustBeVolume(name string) error {
+	m, release, err := s.read()
+	if err != nil {
+		return err
+	}
+	defer release()
+	if m.Volumes[name] != nil {
+		return nil
+	}
+	if m.Snapshots[name] != nil {
+		return fmt.Errorf("volume %s: %w (%s is a snapshot)", name, ErrNotFound, name)
+	}
+	return fmt.Errorf("volume %s: %w", name, ErrNotFound)
 }
 
 // Snapshot freezes the current top of volume as snapshot snap and gives the volume a new
@@ -69,6 +89,11 @@ func (s *Store) freezeTop(m *manifest, volume, snap string, labels map[string]st
 	if old == nil || old.State != Active {
 		return "", fmt.Errorf("%w: volume %s has no active top", ErrCorrupt, volume)
 	}
+	// A frozen layer must have its manifest size, but a grow is committed before the top
+	// file follows (resizeTop): finish one that a crash cut short.
+	if err := finishGrow(s.layerPath(v.Top), old.Size); err != nil {
+		return "", err
+	}
 	if sync {
 		if err := syncFile(s.layerPath(v.Top)); err != nil {
 			return "", err
@@ -86,6 +111,21 @@ func (s *Store) freezeTop(m *manifest, volume, snap string, labels map[string]st
 		m.Snapshots[snap] = &SnapshotMeta{Layer: frozen, Source: volume, Created: time.Now().UTC(), Labels: labels}
 	}
 	return frozen, nil
+}
+
+// finishGrow extends the file at path to size, durably, if it is shorter.
+func finishGrow(path string, size int64) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("finish resize: %w", err)
+	}
+	if fi.Size() >= size {
+		return nil
+	}
+	if err := os.Truncate(path, size); err != nil {
+		return fmt.Errorf("finish resize: %w", err)
+	}
+	return syncFile(path)
 }
 
 func syncFile(path string) error {
@@ -325,6 +365,9 @@ func (s *Store) DeleteVolume(name string) error {
 	if s.openVolume(name) != nil {
 		return fmt.Errorf("volume %s: %w: it is open", name, ErrBusy)
 	}
+	if err := s.mustBeVolume(name); err != nil {
+		return err
+	}
 	lk, err := s.lockVolume(name, unix.LOCK_EX)
 	if err != nil {
 		return err
@@ -431,6 +474,8 @@ func (m *manifest) dropUnreferenced() error {
 // nextFold picks an unnamed frozen layer that can be merged away: into its only child, or,
 // when it has several, into its parent if that parent is unnamed, frozen, of the same size
 // and has no other child. A child that is the top of a volume open anywhere is skipped.
+// Either way the layer's own data is what gets copied, so of several candidates the one
+// holding the least data goes first.
 func (s *Store) nextFold(m *manifest, held *[]*os.File) (layer, into string, err error) {
 	kids := m.children()
 	named := m.snapshotsOf()
@@ -438,41 +483,57 @@ func (s *Store) nextFold(m *manifest, held *[]*os.File) (layer, into string, err
 	for name, v := range m.Volumes {
 		topOf[v.Top] = name
 	}
-	ids := make([]string, 0, len(m.Layers))
-	for id := range m.Layers {
-		ids = append(ids, id)
+	type candidate struct {
+		layer, into string
+		cost        int64
 	}
-	sort.Strings(ids)
-	for _, id := range ids {
-		l := m.Layers[id]
+	var cands []candidate
+	for id, l := range m.Layers {
 		if l.State != Frozen || len(named[id]) > 0 {
 			continue
 		}
 		switch k := kids[id]; {
 		case len(k) == 1:
-			child := k[0]
-			if vol, ok := topOf[child]; ok {
-				if s.openVolume(vol) != nil {
-					continue
-				}
-				lk, err := s.lockVolume(vol, unix.LOCK_EX)
-				if errors.Is(err, ErrBusy) {
-					continue
-				}
-				if err != nil {
-					return "", "", err
-				}
-				*held = append(*held, lk)
-			}
-			return id, child, nil
+			cands = append(cands, candidate{id, k[0], s.allocated(id)})
 		case len(k) > 1:
 			p := m.Layers[l.Parent]
 			if p != nil && p.State == Frozen && len(named[l.Parent]) == 0 && len(kids[l.Parent]) == 1 && p.Size == l.Size {
-				return id, l.Parent, nil
+				cands = append(cands, candidate{id, l.Parent, s.allocated(id)})
 			}
 		}
 	}
+	sort.Slice(cands, func(i, j int) bool {
+		if cands[i].cost != cands[j].cost {
+			return cands[i].cost < cands[j].cost
+		}
+		return cands[i].layer < cands[j].layer
+	})
+	for _, c := range cands {
+		if vol, ok := topOf[c.into]; ok {
+			if s.openVolume(vol) != nil {
+				continue
+			}
+			lk, err := s.lockVolume(vol, unix.LOCK_EX)
+			if errors.Is(err, ErrBusy) {
+				continue
+			}
+			if err != nil {
+				return "", "", err
+			}
+			*held = append(*held, lk)
+		}
+		return c.layer, c.into, nil
+	}
 	return "", "", nil
+}
+
+// allocated returns the bytes a layer file takes on disk (0 if it cannot be read).
+func (s *Store) allocated(id string) int64 {
+	var st unix.Stat_t
+	if unix.Stat(s.layerPath(id), &st) != nil {
+		return 0
+	}
+	return st.Blocks * 512
 }
 
 // foldIntoChild merges layer l into its only child c: l's data goes where c holds neither

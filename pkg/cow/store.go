@@ -196,31 +196,29 @@ func (s *Store) Create(name string, opts CreateOptions) error {
 	if opts.Size < 0 {
 		return fmt.Errorf("create %s: %w: %d", name, ErrInvalidSize, opts.Size)
 	}
-	var base *LayerMeta
-	if opts.Base != "" {
-		var err error
-		if base, err = s.describeBase(opts.Base); err != nil {
-			return fmt.Errorf("create %s: %w", name, err)
-		}
-		if opts.Size == 0 {
-			opts.Size = base.Size
-		}
-		if opts.Size < base.Size {
-			return fmt.Errorf("create %s: %w: %d bytes is smaller than the base (%d bytes)", name, ErrInvalidSize, opts.Size, base.Size)
-		}
-	}
-	if opts.Size == 0 {
-		return fmt.Errorf("create %s: %w: a volume without a base needs a size", name, ErrInvalidSize)
-	}
-	size := alignUp(opts.Size)
 	return s.tx(func(m *manifest) error {
 		if err := nameFree(m, name); err != nil {
 			return err
 		}
-		parent := ""
-		if base != nil {
+		// The base is looked at under the store lock: RemoveBase cannot take it away meanwhile.
+		size, parent := opts.Size, ""
+		if opts.Base != "" {
+			base, err := s.describeBase(opts.Base)
+			if err != nil {
+				return fmt.Errorf("create %s: %w", name, err)
+			}
+			if size == 0 {
+				size = base.Size
+			}
+			if size < base.Size {
+				return fmt.Errorf("create %s: %w: %d bytes is smaller than the base (%d bytes)", name, ErrInvalidSize, size, base.Size)
+			}
 			parent = m.baseLayer(base)
 		}
+		if size == 0 {
+			return fmt.Errorf("create %s: %w: a volume without a base needs a size", name, ErrInvalidSize)
+		}
+		size = alignUp(size)
 		id := newLayerID()
 		if err := s.createLayerFile(id, size); err != nil {
 			return err
@@ -254,7 +252,7 @@ func (s *Store) describeBase(path string) (*LayerMeta, error) {
 	}
 	fi, err := os.Stat(abs)
 	if err != nil {
-		return nil, fmt.Errorf("base %s: %w", path, errors.Join(ErrNotFound, err))
+		return nil, fmt.Errorf("base %s: %w: %w", path, ErrNotFound, err)
 	}
 	if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("base %s: %w: not a regular file", path, ErrNotSupported)
@@ -370,9 +368,10 @@ func (s *Store) openChain(m *manifest, name, top string, writable bool) (c *Chai
 	}
 	c = &Chain{store: s, name: name, top: -1, idx: newRangeMap[state](),
 		zeroCand: newRangeMap[bool](), unpunched: newRangeMap[bool]()}
+	opened := &c.layers // an error return sets c to nil before this runs
 	defer func() {
 		if err != nil {
-			for _, l := range c.layers {
+			for _, l := range *opened {
 				l.f.Close()
 			}
 		}
@@ -414,6 +413,14 @@ func (s *Store) openLayerFile(id string, meta *LayerMeta, writable bool) (l *ope
 		flag = os.O_RDWR
 	}
 	f, err := os.OpenFile(path, flag, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		// The manifest names the file: a missing layer is damage, a missing base a change.
+		sentinel := ErrCorrupt
+		if meta.State == Base {
+			sentinel = ErrBaseChanged
+		}
+		return nil, nil, nil, fmt.Errorf("%w: layer %s: %w", sentinel, id, err)
+	}
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s: %w", id, err)
 	}
@@ -429,10 +436,13 @@ func (s *Store) openLayerFile(id string, meta *LayerMeta, writable bool) (l *ope
 	if meta.State == Base && (fi.ModTime().UnixNano() != meta.MTime || fi.Size() != meta.Size) {
 		return nil, nil, nil, fmt.Errorf("%w: %s was modified after chains were built on it", ErrBaseChanged, path)
 	}
-	if writable && fi.Size() < meta.Size {
-		// A grow is committed to the manifest before the file follows; finish one a crash cut short.
-		if err := f.Truncate(meta.Size); err != nil {
-			return nil, nil, nil, fmt.Errorf("layer %s: finish resize: %w", id, err)
+	if meta.State == Active && fi.Mode().IsRegular() && fi.Size() < meta.Size {
+		// A grow is committed to the manifest before the file follows; finish one a crash cut
+		// short (a read-only open reads the missing tail as zeros, which it is).
+		if writable {
+			if err := f.Truncate(meta.Size); err != nil {
+				return nil, nil, nil, fmt.Errorf("layer %s: finish resize: %w", id, err)
+			}
 		}
 	} else if !fi.Mode().IsRegular() || fi.Size() != meta.Size {
 		return nil, nil, nil, fmt.Errorf("%w: layer %s (%s) has %d bytes, the manifest says %d", ErrCorrupt, id, path, fi.Size(), meta.Size)

@@ -1,0 +1,103 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"k8s.io/klog/v2"
+
+	"github.com/rawcow/csi-rawcow/pkg/blockdev"
+	"github.com/rawcow/csi-rawcow/pkg/cow"
+	"github.com/rawcow/csi-rawcow/pkg/driver"
+	"github.com/rawcow/csi-rawcow/pkg/images"
+)
+
+// driverMain runs the CSI plugin until SIGINT or SIGTERM.
+func driverMain(args []string) int {
+	fs := flag.NewFlagSet("driver", flag.ContinueOnError)
+	endpoint := fs.String("endpoint", "unix:///csi/csi.sock", "CSI endpoint")
+	nodeID := fs.String("nodeid", "", "this node's name (default: the host name)")
+	root := fs.String("root", "/var/lib/csi-rawcow", "root directory: ROOT/store holds the volumes, ROOT/images the base images")
+	runDir := fs.String("run-dir", runDirDefault(), "the presentation server's run directory (env CSI_RAWCOW_RUN)")
+	serverMode := fs.String("server", "auto", "presentation server: embedded (in this process), external (`csi-rawcow serve` beside it) or auto (external if one runs)")
+	name := fs.String("drivername", driver.DefaultName, "CSI driver name")
+	maxVolumes := fs.Int64("max-volumes", 0, "volumes per node, 0 for no limit")
+	klog.InitFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *nodeID == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			klog.ErrorS(err, "No --nodeid and no host name")
+			return 2
+		}
+		*nodeID = h
+	}
+	st, err := cow.OpenStore(filepath.Join(*root, "store"))
+	if err != nil {
+		klog.ErrorS(err, "Cannot open the store")
+		return 1
+	}
+	imgs, err := images.Open(filepath.Join(*root, "images"))
+	if err != nil {
+		klog.ErrorS(err, "Cannot open the image store")
+		return 1
+	}
+	present, stop, err := presentation(*serverMode, st, *runDir)
+	if err != nil {
+		klog.ErrorS(err, "No presentation server")
+		return 1
+	}
+	defer stop()
+	d, err := driver.New(driver.Config{Name: *name, Version: version, NodeID: *nodeID, MaxVolumes: *maxVolumes}, st, imgs, present)
+	if err != nil {
+		klog.ErrorS(err, "Cannot start the driver")
+		return 1
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer cancel()
+	if err := d.Serve(ctx, *endpoint); err != nil {
+		klog.ErrorS(err, "CSI server failed")
+		return 1
+	}
+	return 0
+}
+
+// presentation connects to a server running beside the driver, or starts one in this
+// process. An embedded server's devices stop with the driver; an external one outlives
+// driver restarts.
+func presentation(mode string, st *cow.Store, runDir string) (blockdev.Service, func(), error) {
+	if mode == "external" || mode == "auto" {
+		c, err := blockdev.Dial(runDir)
+		if err == nil {
+			klog.InfoS("Using the presentation server beside the driver", "runDir", runDir)
+			return c, func() { c.Close() }, nil
+		}
+		if mode == "external" {
+			return nil, nil, err
+		}
+	} else if mode != "embedded" {
+		return nil, nil, errors.New("--server must be embedded, external or auto")
+	}
+	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{})
+	if err != nil {
+		return nil, nil, err
+	}
+	ctl, err := srv.ServeControl()
+	if err != nil {
+		srv.Close()
+		return nil, nil, err
+	}
+	return srv, func() {
+		ctl.Close()
+		if err := srv.Close(); err != nil {
+			klog.ErrorS(err, "Closing the presentation server")
+		}
+	}, nil
+}

@@ -1,0 +1,350 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	mount "k8s.io/mount-utils"
+
+	"github.com/rawcow/csi-rawcow/pkg/cow"
+)
+
+func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	var caps []*csi.NodeServiceCapability
+	for _, c := range []csi.NodeServiceCapability_RPC_Type{
+		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+		csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
+		csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
+		csi.NodeServiceCapability_RPC_GET_STORAGE_HEALTH,
+		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	} {
+		caps = append(caps, &csi.NodeServiceCapability{
+			Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: c}},
+		})
+	}
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{
+		NodeId:             d.cfg.NodeID,
+		MaxVolumesPerNode:  d.cfg.MaxVolumes,
+		AccessibleTopology: d.topology()[0],
+	}, nil
+}
+
+// existingVolume validates a node request's volume ID and checks that the volume exists.
+func (d *Driver) existingVolume(id string) (*cow.Info, error) {
+	if err := checkVolumeID(id); err != nil {
+		return nil, err
+	}
+	info, err := d.store.Info(id)
+	if err != nil {
+		return nil, status.Errorf(codeOf(err), "volume %s: %v", id, err)
+	}
+	return info, nil
+}
+
+func readOnlyMode(c *csi.VolumeCapability) bool {
+	return c.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+}
+
+// NodeStageVolume attaches the volume to a loop device and, for a mount volume, formats it
+// (if it has no file system yet) and mounts it at the staging path.
+func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	if req.VolumeId == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	if req.StagingTargetPath == "" {
+		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
+	}
+	if req.VolumeCapability == nil {
+		return nil, status.Error(codes.InvalidArgument, "volume capability is required")
+	}
+	if err := checkCapabilities([]*csi.VolumeCapability{req.VolumeCapability}); err != nil {
+		return nil, err
+	}
+	if _, err := d.existingVolume(req.VolumeId); err != nil {
+		return nil, err
+	}
+	defer d.locks.lock(req.VolumeId)()
+	readOnly := readOnlyMode(req.VolumeCapability)
+	a, err := d.present.Attach(req.VolumeId, readOnly)
+	if err != nil {
+		return nil, status.Errorf(codeOf(err), "attach %s: %v", req.VolumeId, err)
+	}
+	m := req.VolumeCapability.GetMount()
+	if m == nil {
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	if notMnt, err := d.notMountPoint(req.StagingTargetPath); err != nil {
+		return nil, err
+	} else if !notMnt {
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	fsType, _ := fsTypeOf(m)
+	opts := append([]string(nil), m.MountFlags...)
+	if fsType == "xfs" {
+		opts = append(opts, "nouuid") // clones and restores carry their source's UUID
+	}
+	if readOnly {
+		opts = append(opts, "ro")
+	}
+	if err := os.MkdirAll(req.StagingTargetPath, 0o750); err != nil {
+		return nil, status.Errorf(codes.Internal, "staging path: %v", err)
+	}
+	if err := d.mounter.FormatAndMount(a.Device, req.StagingTargetPath, fsType, opts); err != nil {
+		return nil, status.Errorf(codes.Internal, "format and mount %s at %s: %v", a.Device, req.StagingTargetPath, err)
+	}
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// notMountPoint reports whether path is not a mount point; a missing path is not one.
+func (d *Driver) notMountPoint(path string) (bool, error) {
+	notMnt, err := d.mounter.IsLikelyNotMountPoint(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return true, nil
+	}
+	if err != nil {
+		if mount.IsCorruptedMnt(err) {
+			return false, nil
+		}
+		return false, status.Errorf(codes.Internal, "check mount point %s: %v", path, err)
+	}
+	return notMnt, nil
+}
+
+func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	if err := checkVolumeID(req.VolumeId); err != nil {
+		return nil, err
+	}
+	if req.StagingTargetPath == "" {
+		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
+	}
+	defer d.locks.lock(req.VolumeId)()
+	if err := mount.CleanupMountPoint(req.StagingTargetPath, d.mounter, true); err != nil {
+		return nil, status.Errorf(codes.Internal, "unmount %s: %v", req.StagingTargetPath, err)
+	}
+	if err := d.present.Detach(req.VolumeId); err != nil {
+		return nil, status.Errorf(codes.Internal, "detach %s: %v", req.VolumeId, err)
+	}
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// NodePublishVolume bind-mounts the staged file system, or the loop device itself for a
+// block volume, at the target path.
+func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	if req.VolumeId == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	if req.TargetPath == "" {
+		return nil, status.Error(codes.InvalidArgument, "target path is required")
+	}
+	if req.StagingTargetPath == "" {
+		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
+	}
+	if req.VolumeCapability == nil {
+		return nil, status.Error(codes.InvalidArgument, "volume capability is required")
+	}
+	if err := checkCapabilities([]*csi.VolumeCapability{req.VolumeCapability}); err != nil {
+		return nil, err
+	}
+	if _, err := d.existingVolume(req.VolumeId); err != nil {
+		return nil, err
+	}
+	defer d.locks.lock(req.VolumeId)()
+	a, ok, err := d.attached(req.VolumeId)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged on node %s", req.VolumeId, d.cfg.NodeID)
+	}
+	if notMnt, err := d.notMountPoint(req.TargetPath); err != nil {
+		return nil, err
+	} else if !notMnt {
+		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	if req.VolumeCapability.AccessMode.Mode == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
+		mounts, err := mountsOf(a.Device)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "%v", err)
+		}
+		for _, m := range mounts {
+			if m != filepath.Clean(req.StagingTargetPath) && m != filepath.Clean(req.TargetPath) {
+				return nil, status.Errorf(codes.FailedPrecondition, "volume %s is single-writer and already published at %s", req.VolumeId, m)
+			}
+		}
+	}
+	opts := []string{"bind"}
+	if req.Readonly || readOnlyMode(req.VolumeCapability) {
+		opts = append(opts, "ro")
+	}
+	source := req.StagingTargetPath
+	if req.VolumeCapability.GetBlock() != nil {
+		source = a.Device
+		if err := os.MkdirAll(filepath.Dir(req.TargetPath), 0o750); err != nil {
+			return nil, status.Errorf(codes.Internal, "target path: %v", err)
+		}
+		f, err := os.OpenFile(req.TargetPath, os.O_CREATE|os.O_RDONLY, 0o640)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "target path: %v", err)
+		}
+		f.Close()
+	} else {
+		opts = append(opts, req.VolumeCapability.GetMount().GetMountFlags()...)
+		if err := os.MkdirAll(req.TargetPath, 0o750); err != nil {
+			return nil, status.Errorf(codes.Internal, "target path: %v", err)
+		}
+	}
+	if err := d.mounter.Mount(source, req.TargetPath, "", opts); err != nil {
+		return nil, status.Errorf(codes.Internal, "bind %s at %s: %v", source, req.TargetPath, err)
+	}
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	if err := checkVolumeID(req.VolumeId); err != nil {
+		return nil, err
+	}
+	if req.TargetPath == "" {
+		return nil, status.Error(codes.InvalidArgument, "target path is required")
+	}
+	defer d.locks.lock(req.VolumeId)()
+	if err := mount.CleanupMountPoint(req.TargetPath, d.mounter, true); err != nil {
+		return nil, status.Errorf(codes.Internal, "unmount %s: %v", req.TargetPath, err)
+	}
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+	if req.VolumePath == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume path is required")
+	}
+	if _, err := d.existingVolume(req.VolumeId); err != nil {
+		return nil, err
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(req.VolumePath, &st); err != nil {
+		return nil, status.Errorf(codes.NotFound, "volume path %s: %v", req.VolumePath, err)
+	}
+	resp := &csi.NodeGetVolumeStatsResponse{}
+	if st.Mode&unix.S_IFMT == unix.S_IFBLK {
+		size, err := deviceSize(req.VolumePath)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "%v", err)
+		}
+		resp.Usage = []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: size}}
+		return resp, nil
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(req.VolumePath, &fs); err != nil {
+		return nil, status.Errorf(codes.Internal, "statfs %s: %v", req.VolumePath, err)
+	}
+	bs := fs.Bsize
+	resp.Usage = []*csi.VolumeUsage{
+		{Unit: csi.VolumeUsage_BYTES, Total: int64(fs.Blocks) * bs, Available: int64(fs.Bavail) * bs, Used: int64(fs.Blocks-fs.Bfree) * bs},
+		{Unit: csi.VolumeUsage_INODES, Total: int64(fs.Files), Available: int64(fs.Ffree), Used: int64(fs.Files - fs.Ffree)},
+	}
+	return resp, nil
+}
+
+// mountsOf returns where device dev is mounted: its file system (staged, and bind-mounted
+// by every publish) or, for a block volume, bind mounts of the device node itself.
+func mountsOf(dev string) ([]string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(dev, &st); err != nil {
+		return nil, fmt.Errorf("stat %s: %w", dev, err)
+	}
+	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, mi := range infos {
+		if uint32(mi.Major) == unix.Major(st.Rdev) && uint32(mi.Minor) == unix.Minor(st.Rdev) ||
+			mi.FsType == "devtmpfs" && mi.Root == "/"+filepath.Base(dev) {
+			out = append(out, filepath.Clean(mi.MountPoint))
+		}
+	}
+	return out, nil
+}
+
+func deviceSize(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	n, err := unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETSIZE64)
+	return int64(n), err
+}
+
+// NodeExpandVolume grows the file system of a mounted volume to its device's size; the
+// device already has it (ControllerExpandVolume resized the attached loop device).
+func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
+	if req.VolumePath == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume path is required")
+	}
+	info, err := d.existingVolume(req.VolumeId)
+	if err != nil {
+		return nil, err
+	}
+	defer d.locks.lock(req.VolumeId)()
+	a, ok, err := d.attached(req.VolumeId)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged on node %s", req.VolumeId, d.cfg.NodeID)
+	}
+	if _, err := os.Stat(req.VolumePath); err != nil {
+		return nil, status.Errorf(codes.NotFound, "volume path %s: %v", req.VolumePath, err)
+	}
+	if req.VolumeCapability.GetBlock() == nil {
+		if ok, err := isBlockDevice(req.VolumePath); err == nil && !ok {
+			if _, err := mount.NewResizeFs(d.exec).Resize(a.Device, req.VolumePath); err != nil {
+				return nil, status.Errorf(codes.Internal, "grow the file system of %s: %v", req.VolumeId, err)
+			}
+		}
+	}
+	return &csi.NodeExpandVolumeResponse{CapacityBytes: info.Size}, nil
+}
+
+func isBlockDevice(path string) (bool, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return false, err
+	}
+	return st.Mode&unix.S_IFMT == unix.S_IFBLK, nil
+}
+
+func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
+	info, err := d.existingVolume(req.VolumeId)
+	if err != nil {
+		return nil, err
+	}
+	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: d.volumeHealth(info)}, nil
+}
+
+// NodeGetStorageHealth reports the store and the presentation server of this node.
+func (d *Driver) NodeGetStorageHealth(ctx context.Context, req *csi.NodeGetStorageHealthRequest) (*csi.NodeGetStorageHealthResponse, error) {
+	resp := &csi.NodeGetStorageHealthResponse{}
+	if err := probeWritable(d.store.Dir()); err != nil {
+		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
+			Status: csi.StorageHealthErrorType_STORAGE_DEGRADED, Reason: "StoreNotWritable", Message: err.Error()})
+	}
+	if _, err := d.present.List(); err != nil {
+		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
+			Status: csi.StorageHealthErrorType_STORAGE_UNREACHABLE, Reason: "ServerUnreachable", Message: err.Error()})
+	}
+	return resp, nil
+}
