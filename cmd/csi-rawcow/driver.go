@@ -60,9 +60,14 @@ func driverMain(args []string) int {
 		klog.ErrorS(err, "Cannot start the driver")
 		return 1
 	}
+	l, err := driver.Listen(*endpoint)
+	if err != nil {
+		klog.ErrorS(err, "Cannot listen")
+		return 1
+	}
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer cancel()
-	if err := d.Serve(ctx, *endpoint); err != nil {
+	if err := d.Serve(ctx, l); err != nil {
 		klog.ErrorS(err, "CSI server failed")
 		return 1
 	}

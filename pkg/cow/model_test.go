@@ -205,6 +205,8 @@ func (m *modelRun) step() {
 		m.closeVolume(name)
 	case op < 94:
 		m.export()
+	case op < 96:
+		m.snapshotGroup()
 	default:
 		m.verifyOne()
 	}
@@ -316,6 +318,34 @@ func (m *modelRun) snapshot() {
 	m.ops["snapshot"]++
 	m.trace("snapshot %s of %s", snap, vol)
 	m.snaps[snap] = bytes.Clone(m.vols[vol])
+}
+
+// snapshotGroup snapshots two volumes at one point in time; with a taken name, none.
+func (m *modelRun) snapshotGroup() {
+	if len(m.vols) < 2 || len(m.snaps)+2 > maxSnapshots {
+		return
+	}
+	a, b := m.anyName(m.vols), m.anyName(m.vols)
+	if a == b {
+		return
+	}
+	sa, sb := m.name("gsnap"), m.name("gsnap")
+	if m.pick(4) == 0 && len(m.snaps) > 0 { // a taken name: the whole group must fail
+		sb = m.anyName(m.snaps)
+		if err := m.store.SnapshotGroup([]string{a, b}, []string{sa, sb}, nil); !errors.Is(err, cow.ErrExists) {
+			m.t.Fatalf("group snapshot with a taken name: %v, want ErrExists", err)
+		}
+		if _, err := m.store.Info(sa); !errors.Is(err, cow.ErrNotFound) {
+			m.t.Fatalf("a failed group snapshot left %s: %v", sa, err)
+		}
+		return
+	}
+	if err := m.store.SnapshotGroup([]string{a, b}, []string{sa, sb}, nil); err != nil {
+		m.t.Fatalf("group snapshot of %s, %s: %v", a, b, err)
+	}
+	m.ops["snapshotGroup"]++
+	m.trace("group snapshot %s of %s, %s of %s", sa, a, sb, b)
+	m.snaps[sa], m.snaps[sb] = bytes.Clone(m.vols[a]), bytes.Clone(m.vols[b])
 }
 
 func (m *modelRun) clone() {

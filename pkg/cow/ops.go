@@ -155,41 +155,153 @@ func (c *Chain) Snapshot(snap string, labels map[string]string) error {
 // freezeLocked flushes the chain, commits freeze's manifest change, and moves the chain
 // onto the new top that freeze made. c.io is held exclusively.
 func (c *Chain) freezeLocked(freeze func(m *manifest) (string, error)) (string, error) {
-	if c.top < 0 {
-		return "", fmt.Errorf("snapshot %s: %w", c.name, ErrReadOnly)
-	}
-	if err := c.flushLocked(); err != nil {
+	if err := c.flushForFreeze(); err != nil {
 		return "", err
 	}
-	var frozen, newTop string
+	var sw topSwitch
 	err := c.store.tx(func(m *manifest) error {
 		var err error
-		if frozen, err = freeze(m); err != nil {
-			return err
-		}
-		newTop = m.Volumes[c.name].Top
-		return nil
+		sw, err = c.prepareSwitch(m, freeze)
+		return err
 	})
 	if err != nil {
+		sw.abort()
 		return "", err
 	}
-	if newTop == c.layers[c.top].id {
-		return frozen, nil // the top was empty and stays
+	c.adopt(sw)
+	return sw.frozen, nil
+}
+
+// flushForFreeze makes everything written so far durable before the top is frozen.
+func (c *Chain) flushForFreeze() error {
+	if c.top < 0 {
+		return fmt.Errorf("snapshot %s: %w", c.name, ErrReadOnly)
 	}
-	f, err := os.OpenFile(c.store.layerPath(newTop), os.O_RDWR, 0)
+	return c.flushLocked()
+}
+
+// topSwitch is a frozen top and the new top that replaces it, opened before the manifest
+// naming it is committed, so that a committed switch never leaves the chain without a top.
+type topSwitch struct {
+	frozen, newTop string
+	f              *os.File // nil when the top stays (it was empty)
+}
+
+// prepareSwitch runs freeze inside a transaction and opens the new top it made.
+func (c *Chain) prepareSwitch(m *manifest, freeze func(m *manifest) (string, error)) (topSwitch, error) {
+	frozen, err := freeze(m)
 	if err != nil {
-		// The manifest already names the new top; the chain cannot go on writing the old one.
-		c.top = -1
-		return "", fmt.Errorf("open new top of %s: %w (the chain is now read-only; reopen it)", c.name, err)
+		return topSwitch{}, err
+	}
+	sw := topSwitch{frozen: frozen, newTop: m.Volumes[c.name].Top}
+	if sw.newTop != c.layers[c.top].id {
+		if sw.f, err = os.OpenFile(c.store.layerPath(sw.newTop), os.O_RDWR, 0); err != nil {
+			return sw, fmt.Errorf("open new top of %s: %w", c.name, err)
+		}
+	}
+	return sw, nil
+}
+
+func (sw topSwitch) abort() {
+	if sw.f != nil {
+		sw.f.Close()
+	}
+}
+
+// adopt moves the chain onto a committed new top. The old top's spans in the index become
+// a frozen layer's by the top index moving up: nothing in the index changes.
+func (c *Chain) adopt(sw topSwitch) {
+	if sw.f == nil {
+		return
 	}
 	c.layers[c.top].meta.State = Frozen
-	c.layers = append(c.layers, &openLayer{id: newTop, meta: LayerMeta{Parent: frozen, Size: c.size, State: Active}, f: f})
+	c.layers = append(c.layers, &openLayer{id: sw.newTop, meta: LayerMeta{Parent: sw.frozen, Size: c.size, State: Active}, f: sw.f})
 	c.top = len(c.layers) - 1
 	c.idxMu.Lock()
 	c.topEmpty = true
 	c.zeroCand = newRangeMap[bool]()
 	c.idxMu.Unlock()
-	return frozen, nil
+}
+
+// SnapshotGroup takes snapshots of several volumes at one point in time: every volume open
+// in this process is quiesced and flushed, all are frozen in one manifest commit, and then
+// they all go on. snaps[i] names the snapshot of volumes[i]. Either every snapshot exists
+// afterwards or none does.
+func (s *Store) SnapshotGroup(volumes, snaps []string, labels map[string]string) error {
+	if len(volumes) == 0 || len(volumes) != len(snaps) {
+		return fmt.Errorf("snapshot group: %w: %d volumes, %d snapshot names", ErrInvalidName, len(volumes), len(snaps))
+	}
+	seen := map[string]bool{}
+	for i := range volumes {
+		for _, n := range []string{volumes[i], snaps[i]} {
+			if err := ValidateName(n); err != nil {
+				return err
+			}
+			if seen[n] {
+				return fmt.Errorf("snapshot group: %w: %s appears twice", ErrInvalidName, n)
+			}
+			seen[n] = true
+		}
+	}
+	order := make([]int, len(volumes))
+	for i := range order {
+		order[i] = i
+	}
+	sort.Slice(order, func(a, b int) bool { return volumes[order[a]] < volumes[order[b]] })
+	live := map[string]*Chain{}
+	var locks []*os.File
+	defer func() {
+		closeAll(locks)
+		for _, c := range live {
+			c.io.Unlock()
+		}
+	}()
+	// Quiesce in name order, so two groups over the same volumes cannot deadlock.
+	for _, i := range order {
+		v := volumes[i]
+		if c := s.openVolume(v); c != nil {
+			c.io.Lock()
+			live[v] = c
+			if err := c.flushForFreeze(); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := s.mustBeVolume(v); err != nil {
+			return err
+		}
+		lk, err := s.lockVolume(v, unix.LOCK_EX)
+		if err != nil {
+			return err
+		}
+		locks = append(locks, lk)
+	}
+	switches := map[string]topSwitch{}
+	err := s.tx(func(m *manifest) error {
+		for i, v := range volumes {
+			freeze := func(m *manifest) (string, error) { return s.freezeTop(m, v, snaps[i], labels, live[v] == nil) }
+			if c := live[v]; c != nil {
+				sw, err := c.prepareSwitch(m, freeze)
+				switches[v] = sw
+				if err != nil {
+					return err
+				}
+			} else if _, err := freeze(m); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		for _, sw := range switches {
+			sw.abort()
+		}
+		return err
+	}
+	for v, sw := range switches {
+		live[v].adopt(sw)
+	}
+	return nil
 }
 
 // Clone makes volume name a new chain over src, a snapshot or a volume. A volume's top is

@@ -538,12 +538,15 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	if err := checkVolumeID(req.SourceVolumeId); err != nil {
 		return nil, err
 	}
+	if !d.servesTopology(req.AccessibilityRequirements) {
+		return nil, status.Errorf(codes.ResourceExhausted, "snapshots of node %s's volumes stay on node %s, outside the requested topology", d.cfg.NodeID, d.cfg.NodeID)
+	}
 	id := snapshotIDFor(req.Name)
 	defer d.locks.lock(id)()
 	info, err := d.store.Info(id)
 	if errors.Is(err, cow.ErrNotFound) {
 		unlock := d.locks.lock(req.SourceVolumeId)
-		err = d.present.Snapshot(req.SourceVolumeId, id, map[string]string{labelName: req.Name, labelSource: req.SourceVolumeId})
+		err = d.present.Snapshot(req.SourceVolumeId, id, map[string]string{labelName: req.Name})
 		unlock()
 		if err != nil {
 			return nil, status.Errorf(codeOf(err), "snapshot %s of %s: %v", id, req.SourceVolumeId, err)
@@ -553,7 +556,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "snapshot %s: %v", id, err)
 	}
-	if info.Labels[labelSource] != req.SourceVolumeId {
+	if info.Source != req.SourceVolumeId {
 		return nil, status.Errorf(codes.AlreadyExists, "snapshot %q exists for another volume", req.Name)
 	}
 	return &csi.CreateSnapshotResponse{Snapshot: d.snapshotOf(info)}, nil
@@ -564,7 +567,8 @@ func isSidecarKey(k string) bool { return len(k) > 19 && k[:19] == "csi.storage.
 func (d *Driver) snapshotOf(info *cow.Info) *csi.Snapshot {
 	return &csi.Snapshot{
 		SnapshotId:         info.Name,
-		SourceVolumeId:     info.Labels[labelSource],
+		SourceVolumeId:     info.Source,
+		GroupSnapshotId:    info.Labels[labelGroup],
 		SizeBytes:          info.Size,
 		CreationTime:       timestamppb.New(info.Created),
 		ReadyToUse:         true,
@@ -618,7 +622,7 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsReques
 		if err != nil {
 			continue // deleted meanwhile
 		}
-		if req.SourceVolumeId != "" && info.Labels[labelSource] != req.SourceVolumeId {
+		if req.SourceVolumeId != "" && info.Source != req.SourceVolumeId {
 			continue
 		}
 		selected = append(selected, name)

@@ -47,6 +47,7 @@ type Driver struct {
 	csi.UnimplementedIdentityServer
 	csi.UnimplementedControllerServer
 	csi.UnimplementedNodeServer
+	csi.UnimplementedGroupControllerServer
 
 	cfg     Config
 	store   *cow.Store
@@ -74,24 +75,23 @@ func New(cfg Config, store *cow.Store, imgs *images.Store, present blockdev.Serv
 	}, nil
 }
 
-// Serve runs the gRPC server on endpoint (unix:///path or a plain path) until ctx ends,
-// then stops gracefully.
-func (d *Driver) Serve(ctx context.Context, endpoint string) error {
-	l, err := Listen(endpoint)
-	if err != nil {
-		return err
-	}
+// Serve runs the gRPC server on l (see Listen) until ctx ends, then stops gracefully.
+func (d *Driver) Serve(ctx context.Context, l net.Listener) error {
 	srv := grpc.NewServer(grpc.UnaryInterceptor(logRPC))
 	csi.RegisterIdentityServer(srv, d)
 	csi.RegisterControllerServer(srv, d)
 	csi.RegisterNodeServer(srv, d)
+	csi.RegisterGroupControllerServer(srv, d)
 	go func() {
 		<-ctx.Done()
 		klog.InfoS("Stopping the gRPC server")
 		srv.GracefulStop()
 	}()
-	klog.InfoS("Serving CSI", "endpoint", endpoint, "name", d.cfg.Name, "version", d.cfg.Version, "node", d.cfg.NodeID)
-	return srv.Serve(l)
+	klog.InfoS("Serving CSI", "endpoint", l.Addr().String(), "name", d.cfg.Name, "version", d.cfg.Version, "node", d.cfg.NodeID)
+	if err := srv.Serve(l); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return err
+	}
+	return nil
 }
 
 // Listen opens a unix socket endpoint, removing a socket left by an earlier process.

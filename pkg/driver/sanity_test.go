@@ -55,8 +55,12 @@ func startDriver(t testing.TB) *testDriver {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	sock := filepath.Join(root, "csi.sock")
+	l, err := Listen("unix://" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
 	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx, "unix://"+sock) }()
+	go func() { done <- d.Serve(ctx, l) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
