@@ -31,6 +31,11 @@ func driverMain(args []string) int {
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
+	if *serverMode != "external" {
+		if err := blockdev.BecomeIOFlusher(); err != nil {
+			klog.InfoS("Running without PR_SET_IO_FLUSHER: under memory pressure, writeback to attached volumes can stall", "err", err)
+		}
+	}
 	if *nodeID == "" {
 		h, err := os.Hostname()
 		if err != nil {

@@ -41,6 +41,9 @@ func serveMain(args []string) int {
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
+	if err := blockdev.BecomeIOFlusher(); err != nil {
+		klog.InfoS("Serving without PR_SET_IO_FLUSHER: under memory pressure, writeback to attached volumes can stall", "err", err)
+	}
 	st, err := cow.OpenStore(*store)
 	if err != nil {
 		klog.ErrorS(err, "Cannot open the store")
