@@ -324,8 +324,8 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 	if len(req.VolumeCapabilities) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "volume capabilities are required")
 	}
-	if _, err := d.store.Info(req.VolumeId); err != nil {
-		return nil, status.Errorf(codeOf(err), "volume %s: %v", req.VolumeId, err)
+	if _, err := d.existingVolume(req.VolumeId); err != nil {
+		return nil, err
 	}
 	if err := checkCapabilities(req.VolumeCapabilities); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
@@ -373,12 +373,9 @@ func (d *Driver) volumeEntry(info *cow.Info) *csi.ListVolumesResponse_Entry {
 }
 
 func (d *Driver) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
-	if err := checkVolumeID(req.VolumeId); err != nil {
-		return nil, err
-	}
-	info, err := d.store.Info(req.VolumeId)
+	info, err := d.existingVolume(req.VolumeId)
 	if err != nil {
-		return nil, status.Errorf(codeOf(err), "volume %s: %v", req.VolumeId, err)
+		return nil, err
 	}
 	e := d.volumeEntry(info)
 	return &csi.ControllerGetVolumeResponse{Volume: e.Volume, Status: &csi.ControllerGetVolumeResponse_VolumeStatus{
@@ -387,30 +384,21 @@ func (d *Driver) ControllerGetVolume(ctx context.Context, req *csi.ControllerGet
 }
 
 func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.ControllerGetVolumeHealthRequest) (*csi.ControllerGetVolumeHealthResponse, error) {
-	if err := checkVolumeID(req.VolumeId); err != nil {
-		return nil, err
-	}
-	info, err := d.store.Info(req.VolumeId)
+	info, err := d.existingVolume(req.VolumeId)
 	if err != nil {
-		return nil, status.Errorf(codeOf(err), "volume %s: %v", req.VolumeId, err)
+		return nil, err
 	}
 	return &csi.ControllerGetVolumeHealthResponse{VolumeHealth: d.volumeHealth(info)}, nil
 }
 
 func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
-	all, err := d.store.Volumes()
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "list volumes: %v", err)
-	}
-	names, next, err := page(filterPrefix(all, volumePrefix), req.StartingToken, req.MaxEntries)
+	infos, next, err := d.volumePage(req.StartingToken, req.MaxEntries)
 	if err != nil {
 		return nil, err
 	}
 	resp := &csi.ControllerListVolumeHealthResponse{NextToken: next}
-	for _, name := range names {
-		if info, err := d.store.Info(name); err == nil {
-			resp.Entries = append(resp.Entries, d.volumeHealth(info))
-		}
+	for _, info := range infos {
+		resp.Entries = append(resp.Entries, d.volumeHealth(info))
 	}
 	return resp, nil
 }
@@ -439,21 +427,32 @@ func page(names []string, token string, maxEntries int32) ([]string, string, err
 	return names[start:end], next, nil
 }
 
-func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+// volumePage describes one page of this driver's volumes, and returns the next token.
+func (d *Driver) volumePage(token string, maxEntries int32) ([]*cow.Info, string, error) {
 	all, err := d.store.Volumes()
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "list volumes: %v", err)
+		return nil, "", status.Errorf(codes.Internal, "list volumes: %v", err)
 	}
-	names, next, err := page(filterPrefix(all, volumePrefix), req.StartingToken, req.MaxEntries)
+	names, next, err := page(filterPrefix(all, volumePrefix), token, maxEntries)
+	if err != nil {
+		return nil, "", err
+	}
+	var infos []*cow.Info
+	for _, name := range names {
+		if info, err := d.store.Info(name); err == nil { // else deleted meanwhile
+			infos = append(infos, info)
+		}
+	}
+	return infos, next, nil
+}
+
+func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	infos, next, err := d.volumePage(req.StartingToken, req.MaxEntries)
 	if err != nil {
 		return nil, err
 	}
 	resp := &csi.ListVolumesResponse{NextToken: next}
-	for _, name := range names {
-		info, err := d.store.Info(name)
-		if err != nil {
-			continue // deleted meanwhile
-		}
+	for _, info := range infos {
 		resp.Entries = append(resp.Entries, d.volumeEntry(info))
 	}
 	return resp, nil
@@ -506,9 +505,9 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 		return nil, err
 	}
 	defer d.locks.lock(req.VolumeId)()
-	info, err := d.store.Info(req.VolumeId)
+	info, err := d.existingVolume(req.VolumeId)
 	if err != nil {
-		return nil, status.Errorf(codeOf(err), "volume %s: %v", req.VolumeId, err)
+		return nil, err
 	}
 	if size > info.Size {
 		if err := d.present.Resize(req.VolumeId, size); err != nil {
@@ -524,11 +523,8 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 }
 
 func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
-	if req.Name == "" {
-		return nil, status.Error(codes.InvalidArgument, "snapshot name is required")
-	}
-	if req.SourceVolumeId == "" {
-		return nil, status.Error(codes.InvalidArgument, "source volume ID is required")
+	if err := required("snapshot name", req.Name, "source volume ID", req.SourceVolumeId); err != nil {
+		return nil, err
 	}
 	for k := range req.Parameters {
 		if !isSidecarKey(k) {
@@ -591,12 +587,9 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 }
 
 func (d *Driver) GetSnapshot(ctx context.Context, req *csi.GetSnapshotRequest) (*csi.GetSnapshotResponse, error) {
-	if err := checkSnapshotID(req.SnapshotId); err != nil {
-		return nil, err
-	}
-	info, err := d.store.Info(req.SnapshotId)
+	info, err := d.existingSnapshot(req.SnapshotId)
 	if err != nil {
-		return nil, status.Errorf(codeOf(err), "snapshot %s: %v", req.SnapshotId, err)
+		return nil, err
 	}
 	return &csi.GetSnapshotResponse{Snapshot: d.snapshotOf(info)}, nil
 }

@@ -38,8 +38,8 @@ func (d *Driver) GroupControllerGetCapabilities(context.Context, *csi.GroupContr
 }
 
 func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateVolumeGroupSnapshotRequest) (*csi.CreateVolumeGroupSnapshotResponse, error) {
-	if req.Name == "" {
-		return nil, status.Error(codes.InvalidArgument, "group snapshot name is required")
+	if err := required("group snapshot name", req.Name); err != nil {
+		return nil, err
 	}
 	if len(req.SourceVolumeIds) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "source volume IDs are required")

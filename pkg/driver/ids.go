@@ -59,6 +59,17 @@ func checkID(id, prefix, what string) error {
 	return nil
 }
 
+// required fails with InvalidArgument naming the first empty field; fields come in
+// (description, value) pairs.
+func required(fields ...string) error {
+	for i := 0; i+1 < len(fields); i += 2 {
+		if fields[i+1] == "" {
+			return status.Errorf(codes.InvalidArgument, "%s is required", fields[i])
+		}
+	}
+	return nil
+}
+
 func truncate(s string) string {
 	if len(s) > 80 {
 		return s[:80] + "..."

@@ -41,16 +41,33 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 	}, nil
 }
 
-// existingVolume validates a node request's volume ID and checks that the volume exists.
+// existingVolume validates a request's volume ID and describes the volume.
 func (d *Driver) existingVolume(id string) (*cow.Info, error) {
-	if err := checkVolumeID(id); err != nil {
+	return d.existing(id, checkVolumeID, "volume")
+}
+
+// existingSnapshot validates a request's snapshot ID and describes the snapshot.
+func (d *Driver) existingSnapshot(id string) (*cow.Info, error) {
+	return d.existing(id, checkSnapshotID, "snapshot")
+}
+
+func (d *Driver) existing(id string, check func(string) error, what string) (*cow.Info, error) {
+	if err := check(id); err != nil {
 		return nil, err
 	}
 	info, err := d.store.Info(id)
 	if err != nil {
-		return nil, status.Errorf(codeOf(err), "volume %s: %v", id, err)
+		return nil, status.Errorf(codeOf(err), "%s %s: %v", what, id, err)
 	}
 	return info, nil
+}
+
+// checkCapability validates the one capability a node request carries.
+func checkCapability(c *csi.VolumeCapability) error {
+	if c == nil {
+		return status.Error(codes.InvalidArgument, "volume capability is required")
+	}
+	return checkCapabilities([]*csi.VolumeCapability{c})
 }
 
 func readOnlyMode(c *csi.VolumeCapability) bool {
@@ -60,16 +77,10 @@ func readOnlyMode(c *csi.VolumeCapability) bool {
 // NodeStageVolume attaches the volume to a loop device and, for a mount volume, formats it
 // (if it has no file system yet) and mounts it at the staging path.
 func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
-	if req.VolumeId == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	if err := required("volume ID", req.VolumeId, "staging target path", req.StagingTargetPath); err != nil {
+		return nil, err
 	}
-	if req.StagingTargetPath == "" {
-		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
-	}
-	if req.VolumeCapability == nil {
-		return nil, status.Error(codes.InvalidArgument, "volume capability is required")
-	}
-	if err := checkCapabilities([]*csi.VolumeCapability{req.VolumeCapability}); err != nil {
+	if err := checkCapability(req.VolumeCapability); err != nil {
 		return nil, err
 	}
 	if _, err := d.existingVolume(req.VolumeId); err != nil {
@@ -123,11 +134,11 @@ func (d *Driver) notMountPoint(path string) (bool, error) {
 }
 
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
-	if err := checkVolumeID(req.VolumeId); err != nil {
+	if err := required("staging target path", req.StagingTargetPath); err != nil {
 		return nil, err
 	}
-	if req.StagingTargetPath == "" {
-		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
+	if err := checkVolumeID(req.VolumeId); err != nil {
+		return nil, err
 	}
 	defer d.locks.lock(req.VolumeId)()
 	if err := mount.CleanupMountPoint(req.StagingTargetPath, d.mounter, true); err != nil {
@@ -142,19 +153,10 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 // NodePublishVolume bind-mounts the staged file system, or the loop device itself for a
 // block volume, at the target path.
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
-	if req.VolumeId == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	if err := required("volume ID", req.VolumeId, "target path", req.TargetPath, "staging target path", req.StagingTargetPath); err != nil {
+		return nil, err
 	}
-	if req.TargetPath == "" {
-		return nil, status.Error(codes.InvalidArgument, "target path is required")
-	}
-	if req.StagingTargetPath == "" {
-		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
-	}
-	if req.VolumeCapability == nil {
-		return nil, status.Error(codes.InvalidArgument, "volume capability is required")
-	}
-	if err := checkCapabilities([]*csi.VolumeCapability{req.VolumeCapability}); err != nil {
+	if err := checkCapability(req.VolumeCapability); err != nil {
 		return nil, err
 	}
 	if _, err := d.existingVolume(req.VolumeId); err != nil {
@@ -212,11 +214,11 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 }
 
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
-	if err := checkVolumeID(req.VolumeId); err != nil {
+	if err := required("target path", req.TargetPath); err != nil {
 		return nil, err
 	}
-	if req.TargetPath == "" {
-		return nil, status.Error(codes.InvalidArgument, "target path is required")
+	if err := checkVolumeID(req.VolumeId); err != nil {
+		return nil, err
 	}
 	defer d.locks.lock(req.VolumeId)()
 	if err := mount.CleanupMountPoint(req.TargetPath, d.mounter, true); err != nil {
@@ -226,8 +228,8 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 }
 
 func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
-	if req.VolumePath == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume path is required")
+	if err := required("volume path", req.VolumePath); err != nil {
+		return nil, err
 	}
 	if _, err := d.existingVolume(req.VolumeId); err != nil {
 		return nil, err
@@ -291,8 +293,8 @@ func deviceSize(path string) (int64, error) {
 // NodeExpandVolume grows the file system of a mounted volume to its device's size; the
 // device already has it (ControllerExpandVolume resized the attached loop device).
 func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
-	if req.VolumePath == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume path is required")
+	if err := required("volume path", req.VolumePath); err != nil {
+		return nil, err
 	}
 	info, err := d.existingVolume(req.VolumeId)
 	if err != nil {
