@@ -19,6 +19,7 @@ type LayerInfo struct {
 	Size      int64      `json:"size"`
 	Path      string     `json:"path"`
 	Allocated int64      `json:"allocatedBytes"` // space the file takes on disk
+	Opaque    bool       `json:"opaque,omitempty"`
 }
 
 // Info describes a volume or a snapshot.
@@ -91,7 +92,7 @@ func (s *Store) Info(name string) (*Info, error) {
 	info.Size = m.Layers[top].Size
 	for _, id := range ids {
 		l := m.Layers[id]
-		li := LayerInfo{ID: id, State: l.State, Size: l.Size, Path: s.filePath(id, l)}
+		li := LayerInfo{ID: id, State: l.State, Size: l.Size, Path: s.filePath(id, l), Opaque: l.Opaque}
 		var st syscall.Stat_t
 		if err := syscall.Stat(li.Path, &st); err == nil {
 			li.Allocated = st.Blocks * 512
@@ -165,6 +166,12 @@ func (s *Store) Changed(a, b string) ([]Extent, error) {
 	common := 0
 	for common < len(ca) && common < len(cb) && ca[common] == cb[common] {
 		common++
+	}
+	// An opaque layer above the shared ones replaces them: what they hold may differ too.
+	for _, id := range append(ca[common:], cb[common:]...) {
+		if m.Layers[id].Opaque {
+			common = 0
+		}
 	}
 	size := max(m.Layers[ca[len(ca)-1]].Size, m.Layers[cb[len(cb)-1]].Size)
 	var out []Extent

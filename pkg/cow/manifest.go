@@ -38,6 +38,9 @@ type LayerMeta struct {
 	// so that a base changed behind our back is refused instead of served.
 	Path  string `json:"path,omitempty"`
 	MTime int64  `json:"mtimeNs,omitempty"`
+	// Opaque: the layer holds the whole view of its chain; its holes read zero and hide
+	// every layer below (a composed top, or a snapshot of one).
+	Opaque bool `json:"opaque,omitempty"`
 }
 
 // VolumeMeta names a writable chain by its top layer.

@@ -207,6 +207,10 @@ func (m *modelRun) step() {
 		m.export()
 	case op < 96:
 		m.snapshotGroup()
+	case op < 97:
+		m.compose()
+	case op < 98:
+		m.heldSnapshot()
 	default:
 		m.verifyOne()
 	}
@@ -346,6 +350,53 @@ func (m *modelRun) snapshotGroup() {
 	m.ops["snapshotGroup"]++
 	m.trace("group snapshot %s of %s, %s of %s", sa, a, sb, b)
 	m.snaps[sa], m.snaps[sb] = bytes.Clone(m.vols[a]), bytes.Clone(m.vols[b])
+}
+
+// compose makes a volume's top hold its whole view (the composed path's format).
+func (m *modelRun) compose() {
+	name := m.anyName(m.vols)
+	m.closeVolume(name)
+	if err := m.store.Compose(name); err != nil {
+		m.t.Fatalf("compose %s: %v", name, err)
+	}
+	m.ops["compose"]++
+	m.trace("compose %s", name)
+}
+
+// heldSnapshot snapshots and clones a composed volume held as an attached file would be:
+// the top stays the top and a clone of it becomes the snapshot.
+func (m *modelRun) heldSnapshot() {
+	if len(m.snaps) >= maxSnapshots || len(m.vols) >= maxVolumes {
+		return
+	}
+	name := m.anyName(m.vols)
+	m.closeVolume(name)
+	release, err := m.store.Hold(name)
+	if err != nil {
+		m.t.Fatalf("hold %s: %v", name, err)
+	}
+	defer release()
+	if err := m.store.Compose(name); err != nil {
+		m.t.Fatalf("compose held %s: %v", name, err)
+	}
+	top, _, err := m.store.TopPath(name)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	snap, clone := m.name("hsnap"), m.name("hclone")
+	if err := m.store.Snapshot(name, snap, nil); err != nil {
+		m.t.Fatalf("snapshot of held %s: %v", name, err)
+	}
+	if err := m.store.Clone(name, clone, nil); err != nil {
+		m.t.Fatalf("clone of held %s: %v", name, err)
+	}
+	if after, _, _ := m.store.TopPath(name); after != top {
+		m.t.Fatalf("snapshot of held %s moved its top from %s to %s", name, top, after)
+	}
+	m.ops["heldSnapshot"]++
+	m.trace("held snapshot %s and clone %s of %s", snap, clone, name)
+	m.snaps[snap] = bytes.Clone(m.vols[name])
+	m.vols[clone] = bytes.Clone(m.vols[name])
 }
 
 func (m *modelRun) clone() {

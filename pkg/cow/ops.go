@@ -31,6 +31,9 @@ func (s *Store) withVolume(name string, live func(c *Chain) error, offline func(
 	if err := s.mustBeVolume(name); err != nil {
 		return err
 	}
+	if s.isHeld(name) {
+		return offline() // this process holds the lock already
+	}
 	lk, err := s.lockVolume(name, unix.LOCK_EX)
 	if err != nil {
 		return err
@@ -88,6 +91,9 @@ func (s *Store) freezeTop(m *manifest, volume, snap string, labels map[string]st
 	old := m.Layers[v.Top]
 	if old == nil || old.State != Active {
 		return "", fmt.Errorf("%w: volume %s has no active top", ErrCorrupt, volume)
+	}
+	if s.isHeld(volume) { // its top is attached as a file: it must stay the top
+		return s.snapshotOpaqueTop(m, volume, snap, labels)
 	}
 	// A frozen layer must have its manifest size, but a grow is committed before the top
 	// file follows (resizeTop): finish one that a crash cut short.
@@ -423,6 +429,7 @@ func (s *Store) Resize(volume string, size int64) error {
 func (s *Store) resizeTop(volume string, size int64, f *os.File) error {
 	size = alignUp(size)
 	var path string
+	var old int64
 	err := s.tx(func(m *manifest) error {
 		v := m.Volumes[volume]
 		if v == nil {
@@ -432,7 +439,7 @@ func (s *Store) resizeTop(volume string, size int64, f *os.File) error {
 		if size < top.Size {
 			return fmt.Errorf("resize %s to %d bytes: %w (it has %d)", volume, size, ErrShrink, top.Size)
 		}
-		top.Size = size
+		old, top.Size = top.Size, size
 		path = s.layerPath(v.Top)
 		return nil
 	})
@@ -440,12 +447,21 @@ func (s *Store) resizeTop(volume string, size int64, f *os.File) error {
 		return err
 	}
 	if f == nil {
-		return os.Truncate(path, size)
+		err = os.Truncate(path, size)
+	} else if err = f.Truncate(size); err != nil {
+		err = fmt.Errorf("resize %s: %w", volume, err)
 	}
-	if err := f.Truncate(size); err != nil {
-		return fmt.Errorf("resize %s: %w", volume, err)
+	if err != nil {
+		// The file system refuses the size (EFBIG, ENOSPC): take the commit back, or every
+		// open would try to finish the grow, fail, and the volume could not open again.
+		s.tx(func(m *manifest) error {
+			if v := m.Volumes[volume]; v != nil && m.Layers[v.Top].Size == size {
+				m.Layers[v.Top].Size = old
+			}
+			return nil
+		})
 	}
-	return nil
+	return err
 }
 
 // Resize grows an open volume; see Store.Resize.
@@ -607,7 +623,7 @@ func (s *Store) nextFold(m *manifest, held *[]*os.File) (layer, into string, err
 		switch k := kids[id]; {
 		case len(k) == 1:
 			cands = append(cands, candidate{id, k[0], s.allocated(id)})
-		case len(k) > 1:
+		case len(k) > 1 && !l.Opaque: // an opaque layer's holes must go on hiding the parent
 			p := m.Layers[l.Parent]
 			if p != nil && p.State == Frozen && len(named[l.Parent]) == 0 && len(kids[l.Parent]) == 1 && p.Size == l.Size {
 				cands = append(cands, candidate{id, l.Parent, s.allocated(id)})
@@ -621,7 +637,8 @@ func (s *Store) nextFold(m *manifest, held *[]*os.File) (layer, into string, err
 		return cands[i].layer < cands[j].layer
 	})
 	for _, c := range cands {
-		if vol, ok := topOf[c.into]; ok {
+		// Folding into an opaque child copies nothing and leaves its file alone.
+		if vol, ok := topOf[c.into]; ok && !m.Layers[c.into].Opaque {
 			if s.openVolume(vol) != nil {
 				continue
 			}
@@ -653,6 +670,11 @@ func (s *Store) allocated(id string) int64 {
 // at every step, so a crash half way leaves a correct store and the fold is simply redone.
 func (s *Store) foldIntoChild(m *manifest, l, c string) error {
 	lm, cm := m.Layers[l], m.Layers[c]
+	if cm.Opaque { // the child hides l entirely
+		cm.Parent = lm.Parent
+		delete(m.Layers, l)
+		return nil
+	}
 	lData, lZero, err := s.presence(l, lm)
 	if err != nil {
 		return err
@@ -674,6 +696,8 @@ func (s *Store) foldIntoChild(m *manifest, l, c string) error {
 		return err
 	}
 	cm.Parent = lm.Parent
+	// The child's holes fell through to l; if l's holes read zero, the child's must now.
+	cm.Opaque = lm.Opaque
 	delete(m.Layers, l)
 	return nil
 }

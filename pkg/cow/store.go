@@ -27,7 +27,8 @@ type Store struct {
 	dir string
 
 	mu   sync.Mutex
-	open map[string]*Chain // volumes open read-write in this process
+	open map[string]*Chain   // volumes open read-write in this process
+	held map[string]*os.File // volumes this process holds without a chain (see Hold)
 }
 
 // OpenStore opens the store in dir, creating it if needed.
@@ -48,7 +49,7 @@ func OpenStore(dir string) (*Store, error) {
 	if st.Bsize > BlockSize {
 		return nil, fmt.Errorf("store %s: %w: file system block size %d is larger than the engine's %d", abs, ErrNotSupported, st.Bsize, BlockSize)
 	}
-	return &Store{dir: abs, open: map[string]*Chain{}}, nil
+	return &Store{dir: abs, open: map[string]*Chain{}, held: map[string]*os.File{}}, nil
 }
 
 // Dir returns the store's absolute path.
@@ -366,6 +367,7 @@ func (s *Store) openChain(m *manifest, name, top string, writable bool) (c *Chai
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", name, err)
 	}
+	ids = ids[m.visibleFrom(ids):] // an opaque layer hides everything below it
 	c = &Chain{store: s, name: name, top: -1, idx: newRangeMap[state](),
 		zeroCand: newRangeMap[bool](), unpunched: newRangeMap[bool]()}
 	opened := &c.layers // an error return sets c to nil before this runs

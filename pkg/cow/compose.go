@@ -1,0 +1,232 @@
+package cow
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// An opaque layer holds the whole merged view of its chain: its holes read zero and hide
+// every layer below. A composed volume's top is opaque, so a plain loop device on the top
+// file serves the volume at native speed, with no engine in the I/O path. On xfs and btrfs
+// composing shares blocks (copy_file_range reflinks there) and costs time in proportion to
+// the number of extents, not to the data.
+
+// visibleFrom returns the index in ids (bottom first) of the highest opaque layer: the
+// layers below it are hidden.
+func (m *manifest) visibleFrom(ids []string) int {
+	for i := len(ids) - 1; i > 0; i-- {
+		if m.Layers[ids[i]].Opaque {
+			return i
+		}
+	}
+	return 0
+}
+
+// Hold takes a volume for this process without opening its chain: the composed path
+// attaches the top file itself. While held, nobody else can open or change the volume;
+// this process's Snapshot, Clone and Resize still work on it. Release with the returned
+// function.
+func (s *Store) Hold(volume string) (release func(), err error) {
+	if err := s.mustBeVolume(volume); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	_, open := s.open[volume]
+	_, held := s.held[volume]
+	s.mu.Unlock()
+	if open || held {
+		return nil, fmt.Errorf("volume %s: %w: already open in this process", volume, ErrBusy)
+	}
+	lk, err := s.lockVolume(volume, unix.LOCK_EX)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.held[volume] = lk
+	s.mu.Unlock()
+	return func() {
+		s.mu.Lock()
+		delete(s.held, volume)
+		s.mu.Unlock()
+		lk.Close()
+	}, nil
+}
+
+func (s *Store) isHeld(volume string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.held[volume]
+	return ok
+}
+
+// Compose makes the volume's top opaque, holding the merged view of its chain, so that the
+// top file alone is the volume. Layers stay untouched; the old top is replaced. The volume
+// must not be open; a volume held by this process may be composed.
+func (s *Store) Compose(volume string) error {
+	if err := ValidateName(volume); err != nil {
+		return err
+	}
+	if s.openVolume(volume) != nil {
+		return fmt.Errorf("compose %s: %w: it is open", volume, ErrBusy)
+	}
+	if !s.isHeld(volume) {
+		release, err := s.Hold(volume)
+		if err != nil {
+			return err
+		}
+		defer release()
+	}
+	return s.tx(func(m *manifest) error { return s.composeTop(m, volume) })
+}
+
+// TopPath returns the file of a volume's top layer: for a composed volume, the whole volume.
+func (s *Store) TopPath(volume string) (path string, opaque bool, err error) {
+	m, release, err := s.read()
+	if err != nil {
+		return "", false, err
+	}
+	defer release()
+	v := m.Volumes[volume]
+	if v == nil {
+		return "", false, fmt.Errorf("volume %s: %w", volume, ErrNotFound)
+	}
+	return s.layerPath(v.Top), m.Layers[v.Top].Opaque, nil
+}
+
+func (s *Store) composeTop(m *manifest, volume string) error {
+	v := m.Volumes[volume]
+	if v == nil {
+		return fmt.Errorf("volume %s: %w", volume, ErrNotFound)
+	}
+	top := m.Layers[v.Top]
+	if top.Opaque {
+		return nil
+	}
+	ids, err := m.ancestry(v.Top)
+	if err != nil {
+		return err
+	}
+	ids = ids[m.visibleFrom(ids):]
+	if len(ids) == 1 { // nothing below: the top already is the whole volume
+		top.Opaque = true
+		return nil
+	}
+	id := newLayerID()
+	if err := s.createLayerFile(id, top.Size); err != nil {
+		return err
+	}
+	out, err := os.OpenFile(s.layerPath(id), os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("compose %s: %w", volume, err)
+	}
+	defer out.Close()
+	for _, lid := range ids {
+		if err := s.applyOnto(out, lid, m.Layers[lid]); err != nil {
+			return fmt.Errorf("compose %s: %w", volume, err)
+		}
+	}
+	if err := fdatasync(out); err != nil {
+		return err
+	}
+	m.Layers[id] = &LayerMeta{Parent: top.Parent, Size: top.Size, State: Active, Opaque: true}
+	delete(m.Layers, v.Top)
+	v.Top = id
+	return nil
+}
+
+// applyOnto lays one layer over out, as a read of the chain would see it: its zero list
+// punches out what lies below, then its data is copied (reflinked where the file system
+// shares blocks). Data written in a layer wins over that layer's own zero list.
+func (s *Store) applyOnto(out *os.File, id string, meta *LayerMeta) error {
+	data, zeros, err := s.presence(id, meta)
+	if err != nil {
+		return err
+	}
+	for _, z := range subtract(zeros, data) {
+		if err := punchHole(out, z.Off, z.Len); err != nil {
+			return err
+		}
+	}
+	in, err := os.Open(s.filePath(id, meta))
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	for _, d := range data {
+		// A base may end inside its last block; what lies past its end reads zero.
+		if err := copyRange(out, in, d.Off, min(d.Len, meta.Size-d.Off), nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// snapshotOpaqueTop snapshots a held composed volume whose top is attached as a file: the
+// top is cloned (FICLONE; a copy where the file system cannot share blocks) into a new
+// frozen opaque layer inserted below it. The top stays the top, so the device attached to
+// it goes on unchanged. The caller has flushed the device.
+func (s *Store) snapshotOpaqueTop(m *manifest, volume, snap string, labels map[string]string) (string, error) {
+	v := m.Volumes[volume]
+	top := m.Layers[v.Top]
+	if !top.Opaque {
+		return "", fmt.Errorf("snapshot %s: %w: the volume is held but not composed", volume, ErrNotSupported)
+	}
+	if snap != "" {
+		if err := nameFree(m, snap); err != nil {
+			return "", err
+		}
+	}
+	id := newLayerID()
+	if err := s.cloneFile(s.layerPath(v.Top), s.layerPath(id), top.Size); err != nil {
+		return "", fmt.Errorf("snapshot %s: %w", volume, err)
+	}
+	m.Layers[id] = &LayerMeta{Parent: top.Parent, Size: top.Size, State: Frozen, Opaque: true}
+	top.Parent = id
+	if snap != "" {
+		m.Snapshots[snap] = &SnapshotMeta{Layer: id, Source: volume, Created: time.Now().UTC(), Labels: labels}
+	}
+	return id, nil
+}
+
+// cloneFile makes dst a copy of src sharing its blocks (FICLONE), or, where the file system
+// cannot, a sparse copy of its data. dst is durable when it returns.
+func (s *Store) cloneFile(src, dst string, size int64) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	if err := fdatasync(in); err != nil {
+		return err
+	}
+	out, err := os.OpenFile(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err != nil {
+		if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EXDEV) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOTTY) {
+			return fmt.Errorf("clone %s: %w", src, err)
+		}
+		if err := out.Truncate(size); err != nil {
+			return err
+		}
+		data, err := dataExtents(in, size)
+		if err != nil {
+			return err
+		}
+		for _, d := range data {
+			if err := copyRange(out, in, d.Off, d.Len, nil); err != nil {
+				return err
+			}
+		}
+	}
+	if err := out.Sync(); err != nil {
+		return err
+	}
+	return syncDir(s.dir + "/layers")
+}
