@@ -78,8 +78,9 @@ func attachMain(args []string) int {
 	fs := flag.NewFlagSet("attach", flag.ContinueOnError)
 	runDir := fs.String("run-dir", runDirDefault(), "the server's run directory (env CSI_RAWCOW_RUN)")
 	readOnly := fs.Bool("read-only", false, "attach read-only (snapshots always are)")
+	presentation := fs.String("presentation", blockdev.PresentAuto, "auto (composed where the store's file system shares blocks), merged (FUSE) or composed (plain loop on the composed top)")
 	if err := fs.Parse(args); err != nil || fs.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: csi-rawcow attach [--read-only] [--run-dir DIR] NAME")
+		fmt.Fprintln(os.Stderr, "usage: csi-rawcow attach [--read-only] [--presentation auto|merged|composed] [--run-dir DIR] NAME")
 		return 2
 	}
 	c, err := blockdev.Dial(*runDir)
@@ -88,7 +89,7 @@ func attachMain(args []string) int {
 		return 1
 	}
 	defer c.Close()
-	a, err := c.Attach(fs.Arg(0), *readOnly)
+	a, err := c.Attach(fs.Arg(0), blockdev.AttachOptions{ReadOnly: *readOnly, Presentation: *presentation})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "csi-rawcow attach: %v\n", err)
 		return 1

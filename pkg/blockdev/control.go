@@ -21,12 +21,12 @@ const ControlSocket = "control.sock"
 
 // request is one call on the control socket: a JSON object per line, answered by one.
 type request struct {
-	Op       string            `json:"op"` // attach, detach, snapshot, clone, resize, list
-	Name     string            `json:"name,omitempty"`
-	Target   string            `json:"target,omitempty"` // snapshot or clone name
-	ReadOnly bool              `json:"readOnly,omitempty"`
-	Size     int64             `json:"size,omitempty"`
-	Labels   map[string]string `json:"labels,omitempty"`
+	Op     string            `json:"op"` // attach, detach, snapshot, clone, resize, list
+	Name   string            `json:"name,omitempty"`
+	Target string            `json:"target,omitempty"` // snapshot or clone name
+	Attach AttachOptions     `json:"attach,omitempty"`
+	Size   int64             `json:"size,omitempty"`
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 type response struct {
@@ -98,7 +98,7 @@ func (s *Server) serveConn(conn net.Conn) {
 func (s *Server) do(req request) ([]Attachment, error) {
 	switch req.Op {
 	case "attach":
-		a, err := s.Attach(req.Name, req.ReadOnly)
+		a, err := s.Attach(req.Name, req.Attach)
 		if err != nil {
 			return nil, err
 		}
@@ -204,8 +204,8 @@ func (c *Client) call(req request) ([]Attachment, error) {
 }
 
 // Attach asks the server to attach a volume or snapshot; see Server.Attach.
-func (c *Client) Attach(name string, readOnly bool) (Attachment, error) {
-	as, err := c.call(request{Op: "attach", Name: name, ReadOnly: readOnly})
+func (c *Client) Attach(name string, opts AttachOptions) (Attachment, error) {
+	as, err := c.call(request{Op: "attach", Name: name, Attach: opts})
 	if err != nil {
 		return Attachment{}, err
 	}

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"testing"
 
+	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
 
@@ -60,7 +61,7 @@ func TestFioVerify(t *testing.T) {
 		t.Run(fmt.Sprintf("depth=%d", depth), func(t *testing.T) {
 			st := makeChain(t, depth)
 			srv := startServer(t, st)
-			a, err := srv.Attach("vol", false)
+			a, err := srv.Attach("vol", blockdev.AttachOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}

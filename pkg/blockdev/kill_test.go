@@ -141,7 +141,7 @@ func TestServerKilled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := c.Attach("vol", false)
+	a, err := c.Attach("vol", blockdev.AttachOptions{})
 	c.Close()
 	if err != nil {
 		t.Fatal(err)
@@ -203,7 +203,7 @@ func TestServerKilled(t *testing.T) {
 	if err != nil || len(as) != 1 || !as[0].Stale || as[0].Device != a.Device {
 		t.Fatalf("after restart the server should report %s as stale: %+v, %v", a.Device, as, err)
 	}
-	b, err := c.Attach("vol", false)
+	b, err := c.Attach("vol", blockdev.AttachOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

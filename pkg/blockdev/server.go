@@ -25,7 +25,7 @@ import (
 // Service is what a node needs of the presentation: the in-process Server and a Client of
 // a server in another process both provide it.
 type Service interface {
-	Attach(name string, readOnly bool) (Attachment, error)
+	Attach(name string, opts AttachOptions) (Attachment, error)
 	Detach(name string) error
 	Snapshot(volume, snap string, labels map[string]string) error
 	Clone(src, name string, labels map[string]string) error
@@ -38,16 +38,37 @@ var (
 	_ Service = (*Client)(nil)
 )
 
+// Presentations: how a volume reaches its loop device.
+const (
+	// PresentAuto composes volumes where the store's file system shares blocks, and serves
+	// the merged view elsewhere.
+	PresentAuto = "auto"
+	// PresentMerged serves the merged view of the chain as a FUSE file (any file system).
+	PresentMerged = "merged"
+	// PresentComposed composes the chain into its top layer and attaches a plain loop device
+	// to that file: native speed, no server in the I/O path (xfs, btrfs).
+	PresentComposed = "composed"
+)
+
+// AttachOptions say how to attach a chain.
+type AttachOptions struct {
+	ReadOnly     bool   `json:"readOnly,omitempty"`
+	Presentation string `json:"presentation,omitempty"` // PresentAuto when empty
+}
+
 // Attachment is a chain served as a block device.
 type Attachment struct {
 	Name     string `json:"name"`
 	Device   string `json:"device"`
 	ReadOnly bool   `json:"readOnly"`
+	Composed bool   `json:"composed,omitempty"`
 	// Stale: a loop device left by an earlier server process. Its FUSE connection is gone,
 	// so it fails every I/O; attaching the name again replaces it.
 	Stale bool `json:"stale,omitempty"`
 
-	file *servedFile
+	backing string      // the file the loop device serves
+	file    *servedFile // merged view: the FUSE file and its chain
+	release func()      // composed: releases the volume's hold
 }
 
 // Server serves chains of one store as block devices.
@@ -57,6 +78,8 @@ type Server struct {
 	mnt    string
 	fs     *chainFS
 	fuse   *fuse.Server
+
+	reflinks bool // the store's file system shares blocks: compose by default
 
 	mu       sync.Mutex // serializes attach, detach and the chain-changing operations
 	attached map[string]*Attachment
@@ -78,7 +101,7 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
-	s := &Server{store: store, runDir: abs, mnt: filepath.Join(abs, "fuse"),
+	s := &Server{store: store, runDir: abs, mnt: filepath.Join(abs, "fuse"), reflinks: store.Reflinks(),
 		attached: map[string]*Attachment{}, stale: map[string]*Attachment{}}
 	if err := os.MkdirAll(s.runDir, 0o700); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
@@ -139,6 +162,24 @@ func (s *Server) findStale() error {
 		s.stale[name] = &Attachment{Name: name, Device: l.Device, ReadOnly: l.ReadOnly, Stale: true}
 		klog.InfoS("Found loop device of an earlier server", "name", name, "device", l.Device)
 	}
+	// Composed volumes need no server: their devices went on working; take them back.
+	composed, err := Loops(filepath.Join(s.store.Dir(), "layers"))
+	if err != nil {
+		return fmt.Errorf("server: list loop devices: %w", err)
+	}
+	for _, l := range composed {
+		name, ok, err := s.store.VolumeOfFile(l.Backing)
+		if err != nil || !ok {
+			klog.InfoS("Loop device on a layer that is no volume's top", "device", l.Device, "file", l.Backing, "err", err)
+			continue
+		}
+		release, err := s.store.Hold(name)
+		if err != nil {
+			return fmt.Errorf("server: take back composed volume %s on %s: %w", name, l.Device, err)
+		}
+		s.attached[name] = &Attachment{Name: name, Device: l.Device, ReadOnly: l.ReadOnly, Composed: true, backing: l.Backing, release: release}
+		klog.InfoS("Took back a composed volume", "name", name, "device", l.Device)
+	}
 	return nil
 }
 
@@ -159,15 +200,16 @@ func (s *Server) MountDir() string { return s.mnt }
 // Attach serves a volume (read-write unless readOnly) or a snapshot (always read-only) as a
 // loop device and returns its path. Attaching an attached name again in the same mode
 // returns the same device.
-func (s *Server) Attach(name string, readOnly bool) (Attachment, error) {
-	a, err := s.attach(name, readOnly)
+func (s *Server) Attach(name string, opts AttachOptions) (Attachment, error) {
+	a, err := s.attach(name, opts)
 	if err != nil {
 		return Attachment{}, err
 	}
 	return *a, nil
 }
 
-func (s *Server) attach(name string, readOnly bool) (*Attachment, error) {
+func (s *Server) attach(name string, opts AttachOptions) (*Attachment, error) {
+	readOnly := opts.ReadOnly
 	if err := cow.ValidateName(name); err != nil {
 		return nil, err
 	}
@@ -185,21 +227,83 @@ func (s *Server) attach(name string, readOnly bool) (*Attachment, error) {
 		}
 		delete(s.stale, name)
 	}
+	composed, err := s.composes(name, opts.Presentation)
+	if err != nil {
+		return nil, err
+	}
+	var a *Attachment
+	if composed {
+		a, err = s.attachComposed(name, readOnly)
+	} else {
+		a, err = s.attachMerged(name, readOnly)
+	}
+	if err != nil {
+		return nil, err
+	}
+	s.attached[name] = a
+	klog.InfoS("Attached", "name", name, "device", a.Device, "readOnly", a.ReadOnly, "composed", a.Composed)
+	return a, nil
+}
+
+// composes decides the presentation of name: snapshots are always served merged (their
+// layers are frozen); volumes are composed where asked, or by default where the file
+// system shares blocks.
+func (s *Server) composes(name, presentation string) (bool, error) {
+	info, err := s.store.Info(name)
+	if err != nil {
+		return false, fmt.Errorf("attach %s: %w", name, err)
+	}
+	switch presentation {
+	case PresentComposed:
+		if info.Kind != "volume" {
+			return false, fmt.Errorf("attach %s: %w: only a volume can be composed", name, cow.ErrNotSupported)
+		}
+		return true, nil
+	case PresentMerged:
+		return false, nil
+	case PresentAuto, "":
+		return info.Kind == "volume" && s.reflinks, nil
+	}
+	return false, fmt.Errorf("attach %s: %w: presentation %q (auto, merged, composed)", name, cow.ErrNotSupported, presentation)
+}
+
+func (s *Server) attachMerged(name string, readOnly bool) (*Attachment, error) {
 	chain, err := s.openChain(name, readOnly)
 	if err != nil {
 		return nil, err
 	}
 	f := s.fs.add(name, chain)
-	dev, err := AttachLoop(filepath.Join(s.mnt, name), chain.ReadOnly())
+	backing := filepath.Join(s.mnt, name)
+	dev, err := AttachLoop(backing, chain.ReadOnly())
 	if err != nil {
 		s.fs.remove(f)
 		chain.Close()
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
-	a := &Attachment{Name: name, Device: dev, ReadOnly: chain.ReadOnly(), file: f}
-	s.attached[name] = a
-	klog.InfoS("Attached", "name", name, "device", dev, "readOnly", a.ReadOnly)
-	return a, nil
+	return &Attachment{Name: name, Device: dev, ReadOnly: chain.ReadOnly(), backing: backing, file: f}, nil
+}
+
+// attachComposed holds the volume, composes its chain into its top layer and attaches a
+// plain loop device to that file.
+func (s *Server) attachComposed(name string, readOnly bool) (*Attachment, error) {
+	release, err := s.store.Hold(name)
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	err = s.store.Compose(name)
+	var path string
+	if err == nil {
+		path, _, err = s.store.TopPath(name)
+	}
+	var dev string
+	if err == nil {
+		dev, err = AttachLoop(path, readOnly)
+	}
+	if err != nil {
+		release()
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	return &Attachment{Name: name, Device: dev, ReadOnly: readOnly, Composed: true, backing: path, release: release}, nil
 }
 
 func (s *Server) openChain(name string, readOnly bool) (*cow.Chain, error) {
@@ -246,20 +350,41 @@ func (s *Server) detachLocked(a *Attachment) error {
 	if err := DetachLoop(a.Device); err != nil {
 		return err
 	}
-	backing := filepath.Join(s.mnt, a.Name)
 	deadline := time.Now().Add(detachWait)
-	for loopServes(a.Device, backing) {
+	for loopServes(a.Device, a.backing) {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("detach %s: %w: %s is still open; it detaches at its last close", a.Name, cow.ErrBusy, a.Device)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	s.fs.remove(a.file)
 	delete(s.attached, a.Name)
-	if err := a.file.chain.Close(); err != nil {
+	if err := a.close(); err != nil {
 		return fmt.Errorf("detach %s: %w", a.Name, err)
 	}
 	klog.InfoS("Detached", "name", a.Name, "device", a.Device)
+	return nil
+}
+
+// close releases what serves a detached attachment: its FUSE file and chain, or its hold.
+func (a *Attachment) close() error {
+	if a.release != nil {
+		a.release()
+		return nil
+	}
+	return a.file.chain.Close()
+}
+
+// flushDevice makes what was written to a composed volume's device durable in its file
+// before the file is cloned.
+func flushDevice(dev string) error {
+	f, err := os.OpenFile(dev, os.O_RDONLY, 0)
+	if err != nil {
+		return fmt.Errorf("flush %s: %w", dev, err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("flush %s: %w", dev, err)
+	}
 	return nil
 }
 
@@ -288,16 +413,32 @@ func (s *Server) List() ([]Attachment, error) {
 
 // Snapshot takes a snapshot of a volume, live if it is attached: its in-flight I/O is
 // quiesced, the top flushed and frozen, and the device goes on with a new top.
+//
+// A composed volume's device is flushed and its top file cloned (FICLONE) into the
+// snapshot: completed writes are in the file, and the clone is atomic.
 func (s *Server) Snapshot(volume, snap string, labels map[string]string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.store.Snapshot(volume, snap, labels) // routed to the open chain by the store
+	if err := s.flushComposed(volume); err != nil {
+		return err
+	}
+	return s.store.Snapshot(volume, snap, labels) // routed to the open or held chain by the store
+}
+
+func (s *Server) flushComposed(volume string) error {
+	if a := s.attached[volume]; a != nil && a.Composed {
+		return flushDevice(a.Device)
+	}
+	return nil
 }
 
 // Clone makes a new volume over a snapshot or a volume, attached or not.
 func (s *Server) Clone(src, name string, labels map[string]string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err := s.flushComposed(src); err != nil {
+		return err
+	}
 	return s.store.Clone(src, name, labels)
 }
 
@@ -312,23 +453,30 @@ func (s *Server) Resize(volume string, size int64) error {
 	if a == nil {
 		return nil
 	}
-	s.fs.invalidate(a.file)
-	// The loop driver reads the size the kernel has cached for the file: refresh it first.
-	if _, err := os.Stat(filepath.Join(s.mnt, volume)); err != nil {
-		return fmt.Errorf("resize %s: %w", volume, err)
+	if a.file != nil {
+		s.fs.invalidate(a.file)
+		// The loop driver reads the size the kernel has cached for the file: refresh it first.
+		if _, err := os.Stat(a.backing); err != nil {
+			return fmt.Errorf("resize %s: %w", volume, err)
+		}
 	}
 	return RefreshCapacity(a.Device)
 }
 
-// Close detaches every device it can, flushes and closes every chain and unmounts.
-// Devices still open (mounted) fail I/O from then on, as they would after a crash.
+// Close detaches every merged-view device it can, flushes and closes every chain and
+// unmounts; those devices still open (mounted) fail I/O from then on, as they would after a
+// crash. Composed devices need no server: they stay attached, and the next server of this
+// run directory takes them back.
 func (s *Server) Close() error {
 	s.mu.Lock()
 	var errs []error
 	for _, a := range s.attached {
+		if a.Composed {
+			a.close()
+			continue
+		}
 		if err := s.detachLocked(a); err != nil {
-			errs = append(errs, err)
-			errs = append(errs, a.file.chain.Close())
+			errs = append(errs, err, a.close())
 		}
 	}
 	s.mu.Unlock()

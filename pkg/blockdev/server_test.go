@@ -11,10 +11,12 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/rawcow/csi-rawcow/internal/testfs"
+	"github.com/rawcow/csi-rawcow/internal/testsrv"
 	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
@@ -39,43 +41,14 @@ func run(t testing.TB, name string, args ...string) string {
 	return string(out)
 }
 
-// startServer serves st from a fresh run directory. Cleanup closes the server and checks
-// that no loop device and no mount of it is left, also when the test failed.
+// startServer serves st from a fresh run directory (see testsrv.Start).
 func startServer(t testing.TB, st *cow.Store) *blockdev.Server {
 	t.Helper()
-	runDir := t.TempDir()
-	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := srv.Close(); err != nil {
-			t.Errorf("close server: %v", err)
-		}
-		assertReleased(t, runDir)
-	})
-	return srv
+	return testsrv.Start(t, st, t.TempDir())
 }
 
-// assertReleased fails the test if a loop device or mount under dir remains, and releases it.
-func assertReleased(t testing.TB, dir string) {
-	t.Helper()
-	loops, err := blockdev.Loops(dir)
-	if err != nil {
-		t.Error(err)
-	}
-	for _, l := range loops {
-		t.Errorf("loop device %s still serves %s", l.Device, l.Backing)
-		blockdev.DetachLoop(l.Device)
-	}
-	mounts, _ := os.ReadFile("/proc/self/mounts")
-	for _, line := range strings.Split(string(mounts), "\n") {
-		if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], dir) {
-			t.Errorf("still mounted: %s", line)
-			unix.Unmount(f[1], unix.MNT_DETACH)
-		}
-	}
-}
+// assertReleased fails the test if a loop device or mount under dir remains.
+func assertReleased(t testing.TB, dir string) { testsrv.AssertReleased(t, dir) }
 
 // mountDev mounts dev at a new directory; cleanup unmounts it unless the test did.
 func mountDev(t testing.TB, dev string, opts ...string) string {
@@ -152,89 +125,106 @@ func makeBase(t testing.TB, size int64) string {
 	return path
 }
 
+// TestLiveSnapshotOfMountedFilesystem runs ext4 and xfs on attached volumes, snapshots them
+// while mounted and busy, and checks the snapshot: through the merged view on the root
+// file system (ext4: no reflink), and composed on xfs and btrfs stores.
 func TestLiveSnapshotOfMountedFilesystem(t *testing.T) {
 	requireTools(t, "mkfs.ext4", "mkfs.xfs", "mount")
-	for _, fsType := range []string{"ext4", "xfs"} {
-		t.Run(fsType, func(t *testing.T) {
-			base := makeBase(t, 64<<20)
-			baseSum := fileSHA(t, base)
-			st, err := cow.OpenStore(t.TempDir())
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := st.Create("vol", cow.CreateOptions{Base: base, Size: 512 << 20}); err != nil {
-				t.Fatal(err)
-			}
-			srv := startServer(t, st)
-			a, err := srv.Attach("vol", false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			run(t, "mkfs."+fsType, "-q", a.Device)
-			mnt := mountDev(t, a.Device)
-			before := writeTree(t, mnt, 150, 1)
-			unix.Sync()
-			if err := srv.Snapshot("vol", "snap", nil); err != nil {
-				t.Fatal(err)
-			}
-			after := writeTree(t, mnt, 100, 2)
-			// Rewrite files the snapshot holds: the snapshot must keep the old content.
-			for rel := range before {
-				if err := os.WriteFile(filepath.Join(mnt, rel), []byte("changed after the snapshot"), 0o644); err != nil {
-					t.Fatal(err)
-				}
-				break
-			}
-			unix.Sync()
-			checkTree(t, mnt, after)
-			run(t, "umount", mnt)
+	for _, store := range []string{"ext4-merged", "xfs-composed", "btrfs-composed"} {
+		for _, fsType := range []string{"ext4", "xfs"} {
+			t.Run(store+"/"+fsType, func(t *testing.T) { liveSnapshotCheck(t, store, fsType) })
+		}
+	}
+}
 
-			// The snapshot is crash-consistent at block level: attached read-only, its
-			// bytes are those of a clone of it, which mounts with log recovery and holds
-			// exactly what was synced before the snapshot.
-			snap, err := srv.Attach("snap", true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			snapSum := fileSHA(t, snap.Device)
-			if err := srv.Clone("snap", "restored", nil); err != nil {
-				t.Fatal(err)
-			}
-			restored, err := srv.Attach("restored", false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got := fileSHA(t, restored.Device); got != snapSum {
-				t.Fatalf("a clone of the snapshot reads differently from the snapshot")
-			}
-			rmnt := mountDev(t, restored.Device, "-o", map[string]string{"ext4": "rw", "xfs": "rw,nouuid"}[fsType])
-			checkTree(t, rmnt, before)
-			for rel := range after {
-				if _, err := os.Stat(filepath.Join(rmnt, rel)); !errors.Is(err, os.ErrNotExist) {
-					t.Errorf("%s, written after the snapshot, is in it (%v)", rel, err)
-				}
-			}
-			run(t, "umount", rmnt)
-			if fsType == "ext4" { // ext4 mounts a read-only device without replaying its journal
-				smnt := mountDev(t, snap.Device, "-o", "ro,noload")
-				checkTree(t, smnt, before)
-				run(t, "umount", smnt)
-			}
-			if got := fileSHA(t, snap.Device); got != snapSum {
-				t.Errorf("the snapshot changed while a clone of it was used")
-			}
-			for _, name := range []string{"snap", "vol", "restored"} {
-				if err := srv.Detach(name); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if got := fileSHA(t, base); got != baseSum {
-				t.Errorf("the base changed: %s, was %s", got, baseSum)
-			}
-			if probs, err := st.Check(false); err != nil || len(probs) > 0 {
-				t.Errorf("check: %v %v", err, probs)
-			}
-		})
+func liveSnapshotCheck(t *testing.T, store, fsType string) {
+	dir := t.TempDir()
+	composed := strings.HasSuffix(store, "composed")
+	if composed {
+		dir = testfs.Mount(t, strings.TrimSuffix(store, "-composed"), 2<<30)
+	}
+	base := makeBase(t, 64<<20)
+	baseSum := fileSHA(t, base)
+	st, err := cow.OpenStore(filepath.Join(dir, "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Create("vol", cow.CreateOptions{Base: base, Size: 512 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	srv := startServer(t, st)
+	a, err := srv.Attach("vol", blockdev.AttachOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Composed != composed {
+		t.Fatalf("attached composed=%v on a %s store, want %v", a.Composed, store, composed)
+	}
+	run(t, "mkfs."+fsType, "-q", a.Device)
+	mnt := mountDev(t, a.Device)
+	before := writeTree(t, mnt, 150, 1)
+	unix.Sync()
+	start := time.Now()
+	if err := srv.Snapshot("vol", "snap", nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("live snapshot of a mounted %s volume on a %s store: %v", fsType, store, time.Since(start))
+	after := writeTree(t, mnt, 100, 2)
+	// Rewrite files the snapshot holds: the snapshot must keep the old content.
+	for rel := range before {
+		if err := os.WriteFile(filepath.Join(mnt, rel), []byte("changed after the snapshot"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		break
+	}
+	unix.Sync()
+	checkTree(t, mnt, after)
+	run(t, "umount", mnt)
+
+	// The snapshot is crash-consistent at block level: attached read-only, its
+	// bytes are those of a clone of it, which mounts with log recovery and holds
+	// exactly what was synced before the snapshot.
+	snap, err := srv.Attach("snap", blockdev.AttachOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snapSum := fileSHA(t, snap.Device)
+	if err := srv.Clone("snap", "restored", nil); err != nil {
+		t.Fatal(err)
+	}
+	restored, err := srv.Attach("restored", blockdev.AttachOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fileSHA(t, restored.Device); got != snapSum {
+		t.Fatalf("a clone of the snapshot reads differently from the snapshot")
+	}
+	rmnt := mountDev(t, restored.Device, "-o", map[string]string{"ext4": "rw", "xfs": "rw,nouuid"}[fsType])
+	checkTree(t, rmnt, before)
+	for rel := range after {
+		if _, err := os.Stat(filepath.Join(rmnt, rel)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s, written after the snapshot, is in it (%v)", rel, err)
+		}
+	}
+	run(t, "umount", rmnt)
+	if fsType == "ext4" { // ext4 mounts a read-only device without replaying its journal
+		smnt := mountDev(t, snap.Device, "-o", "ro,noload")
+		checkTree(t, smnt, before)
+		run(t, "umount", smnt)
+	}
+	if got := fileSHA(t, snap.Device); got != snapSum {
+		t.Errorf("the snapshot changed while a clone of it was used")
+	}
+	for _, name := range []string{"snap", "vol", "restored"} {
+		if err := srv.Detach(name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := fileSHA(t, base); got != baseSum {
+		t.Errorf("the base changed: %s, was %s", got, baseSum)
+	}
+	if probs, err := st.Check(false); err != nil || len(probs) > 0 {
+		t.Errorf("check: %v %v", err, probs)
 	}
 }
 
@@ -251,7 +241,7 @@ func TestAttachedChainIsLocked(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv := startServer(t, st)
-	if _, err := srv.Attach("vol", false); err != nil {
+	if _, err := srv.Attach("vol", blockdev.AttachOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	other, err := cow.OpenStore(dir) // another process's view of the same store

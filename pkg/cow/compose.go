@@ -230,3 +230,41 @@ func (s *Store) cloneFile(src, dst string, size int64) error {
 	}
 	return syncDir(s.dir + "/layers")
 }
+
+// VolumeOfFile returns the volume whose top layer is the file at path, if any: a server
+// restarted while composed volumes stayed attached finds them by their loop devices.
+func (s *Store) VolumeOfFile(path string) (string, bool, error) {
+	m, release, err := s.read()
+	if err != nil {
+		return "", false, err
+	}
+	defer release()
+	for name, v := range m.Volumes {
+		if s.layerPath(v.Top) == path {
+			return name, true, nil
+		}
+	}
+	return "", false, nil
+}
+
+// Reflinks reports whether the store's file system shares blocks between files (FICLONE):
+// where it does, composing a chain copies no data.
+func (s *Store) Reflinks() bool {
+	dir := s.dir + "/layers"
+	a, err := os.CreateTemp(dir, ".reflink-probe-*")
+	if err != nil {
+		return false
+	}
+	defer os.Remove(a.Name())
+	defer a.Close()
+	b, err := os.CreateTemp(dir, ".reflink-probe-*")
+	if err != nil {
+		return false
+	}
+	defer os.Remove(b.Name())
+	defer b.Close()
+	if _, err := a.Write(make([]byte, BlockSize)); err != nil {
+		return false
+	}
+	return unix.IoctlFileClone(int(b.Fd()), int(a.Fd())) == nil
+}

@@ -79,6 +79,11 @@ func newManifest() *manifest {
 func readManifest(path string) (*manifest, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
+		// A new store has no manifest; a store with layers but no manifest has lost it, and
+		// reading it as empty would let the next change delete every layer.
+		if layers, _ := filepath.Glob(filepath.Join(filepath.Dir(path), "layers", "*.raw")); len(layers) > 0 {
+			return nil, fmt.Errorf("%w: %s is missing but layers/ holds %d layer files", ErrCorrupt, path, len(layers))
+		}
 		return newManifest(), nil
 	}
 	if err != nil {

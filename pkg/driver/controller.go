@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"sort"
 	"strconv"
@@ -107,6 +108,9 @@ func requestedSize(r *csi.CapacityRange, min, fallback int64) (int64, error) {
 		}
 	}
 	size = max(size, min)
+	if size > math.MaxInt64-cow.BlockSize+1 {
+		return 0, status.Errorf(codes.OutOfRange, "%d bytes is more than any volume can have", size)
+	}
 	size = (size + cow.BlockSize - 1) / cow.BlockSize * cow.BlockSize
 	if limit > 0 && size > limit {
 		return 0, status.Errorf(codes.OutOfRange, "a volume needs %d bytes; the limit is %d", size, limit)
@@ -134,6 +138,9 @@ func (d *Driver) servesTopology(req *csi.TopologyRequirement) bool {
 func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
 	if req.Name == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume name is required")
+	}
+	if err := checkNameLen(req.Name); err != nil {
+		return nil, err
 	}
 	if err := checkCapabilities(req.VolumeCapabilities); err != nil {
 		return nil, err
@@ -177,7 +184,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	id := volumeIDFor(req.Name)
 	defer d.locks.lock(id)()
 	labels := map[string]string{labelName: req.Name, labelParams: params.canonical(),
-		labelSource: sourceLabel(srcKind, srcID), labelRequired: formatInt(size)}
+		labelSource: sourceLabel(srcKind, srcID), labelRequired: formatInt(size), labelPresent: params.Presentation}
 
 	info, err := d.store.Info(id)
 	switch {
@@ -276,7 +283,7 @@ func codeOf(err error) codes.Code {
 		return codes.FailedPrecondition
 	case errors.Is(err, cow.ErrInvalidName), errors.Is(err, cow.ErrInvalidSize):
 		return codes.InvalidArgument
-	case errors.Is(err, cow.ErrShrink):
+	case errors.Is(err, cow.ErrShrink), errors.Is(err, unix.EFBIG):
 		return codes.OutOfRange
 	case errors.Is(err, unix.ENOSPC):
 		return codes.ResourceExhausted
@@ -509,6 +516,9 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	if err != nil {
 		return nil, err
 	}
+	if limit := req.CapacityRange.LimitBytes; limit > 0 && info.Size > limit {
+		return nil, status.Errorf(codes.OutOfRange, "volume %s has %d bytes, more than the limit %d; volumes do not shrink", req.VolumeId, info.Size, limit)
+	}
 	if size > info.Size {
 		if err := d.present.Resize(req.VolumeId, size); err != nil {
 			return nil, status.Errorf(codeOf(err), "expand %s: %v", req.VolumeId, err)
@@ -524,6 +534,9 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 
 func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
 	if err := required("snapshot name", req.Name, "source volume ID", req.SourceVolumeId); err != nil {
+		return nil, err
+	}
+	if err := checkNameLen(req.Name); err != nil {
 		return nil, err
 	}
 	for k := range req.Parameters {

@@ -10,6 +10,9 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/rawcow/csi-rawcow/pkg/blockdev"
+	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
 
 // Volume and snapshot IDs are derived from the CO's names: the same name always gives the
@@ -70,6 +73,17 @@ func required(fields ...string) error {
 	return nil
 }
 
+// maxNameLen is the CSI limit on a string field (the spec's "Size Limits"). Names are only
+// hashed into IDs, but they are kept as labels in the manifest.
+const maxNameLen = 128
+
+func checkNameLen(name string) error {
+	if len(name) > maxNameLen {
+		return status.Errorf(codes.InvalidArgument, "name %q is longer than %d bytes", truncate(name), maxNameLen)
+	}
+	return nil
+}
+
 func truncate(s string) string {
 	if len(s) > 80 {
 		return s[:80] + "..."
@@ -80,13 +94,17 @@ func truncate(s string) string {
 // Parameters a StorageClass may set. Keys under csi.storage.k8s.io/ belong to the sidecars
 // (they pass PVC and PV names there) and are ignored.
 const (
-	paramBaseImage = "baseImage"
+	paramBaseImage    = "baseImage"
+	paramPresentation = "presentation"
 )
 
-var knownParams = []string{paramBaseImage}
+var knownParams = []string{paramBaseImage, paramPresentation}
 
 type volumeParams struct {
 	BaseImage string
+	// Presentation forces how the node attaches the volume: merged (FUSE, any file
+	// system) or composed (a plain loop on the composed top: xfs, btrfs). Default auto.
+	Presentation string
 }
 
 func parseParams(p map[string]string) (volumeParams, error) {
@@ -94,7 +112,17 @@ func parseParams(p map[string]string) (volumeParams, error) {
 	for k, v := range p {
 		switch {
 		case k == paramBaseImage:
+			if v != "" && cow.ValidateName(v) != nil {
+				return vp, status.Errorf(codes.InvalidArgument, "parameter %s: %q is not an image name (letters, digits, '.', '_', '-')", paramBaseImage, truncate(v))
+			}
 			vp.BaseImage = v
+		case k == paramPresentation:
+			switch v {
+			case blockdev.PresentAuto, blockdev.PresentMerged, blockdev.PresentComposed:
+				vp.Presentation = v
+			default:
+				return vp, status.Errorf(codes.InvalidArgument, "parameter %s: %q is not auto, merged or composed", paramPresentation, truncate(v))
+			}
 		case strings.HasPrefix(k, "csi.storage.k8s.io/"):
 		default:
 			return vp, status.Errorf(codes.InvalidArgument, "unknown parameter %q (known: %s)", truncate(k), strings.Join(knownParams, ", "))
@@ -106,7 +134,7 @@ func parseParams(p map[string]string) (volumeParams, error) {
 // canonical renders the parameters that shape a volume, to compare a retried request with
 // the volume it made.
 func (vp volumeParams) canonical() string {
-	parts := []string{paramBaseImage + "=" + vp.BaseImage}
+	parts := []string{paramBaseImage + "=" + vp.BaseImage, paramPresentation + "=" + vp.Presentation}
 	sort.Strings(parts)
 	return strings.Join(parts, ";")
 }
@@ -117,6 +145,7 @@ const (
 	labelParams   = "csi.params"
 	labelSource   = "csi.source"
 	labelRequired = "csi.requiredBytes"
+	labelPresent  = "csi.presentation"
 )
 
 func sourceLabel(kind, id string) string {

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 	mount "k8s.io/mount-utils"
 
+	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
 
@@ -83,22 +84,42 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := checkCapability(req.VolumeCapability); err != nil {
 		return nil, err
 	}
-	if _, err := d.existingVolume(req.VolumeId); err != nil {
+	info, err := d.existingVolume(req.VolumeId)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkPath("staging target path", req.StagingTargetPath, true); err != nil {
 		return nil, err
 	}
 	defer d.locks.lock(req.VolumeId)()
+	_, wasAttached, err := d.attached(req.VolumeId)
+	if err != nil {
+		return nil, err
+	}
 	readOnly := readOnlyMode(req.VolumeCapability)
-	a, err := d.present.Attach(req.VolumeId, readOnly)
+	a, err := d.present.Attach(req.VolumeId, blockdev.AttachOptions{ReadOnly: readOnly, Presentation: info.Labels[labelPresent]})
 	if err != nil {
 		return nil, status.Errorf(codeOf(err), "attach %s: %v", req.VolumeId, err)
+	}
+	// A stage that fails leaves nothing attached: the CO does not unstage what failed.
+	fail := func(err error) (*csi.NodeStageVolumeResponse, error) {
+		if !wasAttached {
+			if derr := d.present.Detach(req.VolumeId); derr != nil {
+				err = status.Errorf(status.Code(err), "%s (and detaching again: %v)", status.Convert(err).Message(), derr)
+			}
+		}
+		return nil, err
 	}
 	m := req.VolumeCapability.GetMount()
 	if m == nil {
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
 	if notMnt, err := d.notMountPoint(req.StagingTargetPath); err != nil {
-		return nil, err
+		return fail(err)
 	} else if !notMnt {
+		if !onDevice(req.StagingTargetPath, a.Device) {
+			return fail(status.Errorf(codes.FailedPrecondition, "staging path %s holds another file system", req.StagingTargetPath))
+		}
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
 	fsType, _ := fsTypeOf(m)
@@ -110,10 +131,10 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		opts = append(opts, "ro")
 	}
 	if err := os.MkdirAll(req.StagingTargetPath, 0o750); err != nil {
-		return nil, status.Errorf(codes.Internal, "staging path: %v", err)
+		return fail(status.Errorf(codes.Internal, "staging path: %v", err))
 	}
 	if err := d.mounter.FormatAndMount(a.Device, req.StagingTargetPath, fsType, opts); err != nil {
-		return nil, status.Errorf(codes.Internal, "format and mount %s at %s: %v", a.Device, req.StagingTargetPath, err)
+		return fail(status.Errorf(codes.Internal, "format and mount %s at %s: %v", a.Device, req.StagingTargetPath, err))
 	}
 	return &csi.NodeStageVolumeResponse{}, nil
 }
@@ -140,7 +161,24 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if err := checkVolumeID(req.VolumeId); err != nil {
 		return nil, err
 	}
+	if err := checkPath("staging target path", req.StagingTargetPath, false); err != nil {
+		return nil, err
+	}
 	defer d.locks.lock(req.VolumeId)()
+	// Detaching a device that is still published would pull it from under the pod.
+	if a, ok, err := d.attached(req.VolumeId); err != nil {
+		return nil, err
+	} else if ok {
+		mounts, err := mountsOf(a.Device)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "%v", err)
+		}
+		for _, m := range mounts {
+			if m != filepath.Clean(req.StagingTargetPath) {
+				return nil, status.Errorf(codes.FailedPrecondition, "volume %s is still mounted at %s", req.VolumeId, m)
+			}
+		}
+	}
 	if err := mount.CleanupMountPoint(req.StagingTargetPath, d.mounter, true); err != nil {
 		return nil, status.Errorf(codes.Internal, "unmount %s: %v", req.StagingTargetPath, err)
 	}
@@ -162,6 +200,12 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if _, err := d.existingVolume(req.VolumeId); err != nil {
 		return nil, err
 	}
+	if err := checkPath("target path", req.TargetPath, req.VolumeCapability.GetMount() != nil); err != nil {
+		return nil, err
+	}
+	if err := checkPath("staging target path", req.StagingTargetPath, true); err != nil {
+		return nil, err
+	}
 	defer d.locks.lock(req.VolumeId)()
 	a, ok, err := d.attached(req.VolumeId)
 	if err != nil {
@@ -170,9 +214,16 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if !ok {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged on node %s", req.VolumeId, d.cfg.NodeID)
 	}
+	// Whatever is at the staging path is bind-mounted into the pod: it must be the volume.
+	if req.VolumeCapability.GetMount() != nil && !onDevice(req.StagingTargetPath, a.Device) {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", req.VolumeId, req.StagingTargetPath)
+	}
 	if notMnt, err := d.notMountPoint(req.TargetPath); err != nil {
 		return nil, err
 	} else if !notMnt {
+		if !onDevice(req.TargetPath, a.Device) {
+			return nil, status.Errorf(codes.FailedPrecondition, "target path %s holds something else", req.TargetPath)
+		}
 		return &csi.NodePublishVolumeResponse{}, nil
 	}
 	if req.VolumeCapability.AccessMode.Mode == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
@@ -220,6 +271,9 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if err := checkVolumeID(req.VolumeId); err != nil {
 		return nil, err
 	}
+	if err := checkPath("target path", req.TargetPath, false); err != nil {
+		return nil, err
+	}
 	defer d.locks.lock(req.VolumeId)()
 	if err := mount.CleanupMountPoint(req.TargetPath, d.mounter, true); err != nil {
 		return nil, status.Errorf(codes.Internal, "unmount %s: %v", req.TargetPath, err)
@@ -237,6 +291,11 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	var st unix.Stat_t
 	if err := unix.Stat(req.VolumePath, &st); err != nil {
 		return nil, status.Errorf(codes.NotFound, "volume path %s: %v", req.VolumePath, err)
+	}
+	if a, ok, err := d.attached(req.VolumeId); err != nil {
+		return nil, err
+	} else if !ok || !onDevice(req.VolumePath, a.Device) {
+		return nil, status.Errorf(codes.NotFound, "volume %s is not at %s", req.VolumeId, req.VolumePath)
 	}
 	resp := &csi.NodeGetVolumeStatsResponse{}
 	if st.Mode&unix.S_IFMT == unix.S_IFBLK {
@@ -257,6 +316,48 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 		{Unit: csi.VolumeUsage_INODES, Total: int64(fs.Files), Available: int64(fs.Ffree), Used: int64(fs.Files - fs.Ffree)},
 	}
 	return resp, nil
+}
+
+// checkPath refuses a staging or target path that a mount at it, or the clean-up of it,
+// would turn against something else: a relative path (it resolves against the driver's
+// working directory), a symbolic link (a mount follows it), a path below a file, and a file
+// with data (a path that is not a mount point is removed by the clean-up, and this driver
+// only ever makes directories and the empty file of a block target). With dir, an
+// existing path must be a directory.
+func checkPath(what, p string, dir bool) error {
+	if err := required(what, p); err != nil {
+		return err
+	}
+	if !filepath.IsAbs(p) {
+		return status.Errorf(codes.InvalidArgument, "%s %q is not absolute", what, truncate(p))
+	}
+	fi, err := os.Lstat(p)
+	switch {
+	case errors.Is(err, os.ErrNotExist) || mount.IsCorruptedMnt(err):
+		return nil
+	case err != nil:
+		return status.Errorf(codes.InvalidArgument, "%s: %v", what, err)
+	case fi.Mode()&os.ModeSymlink != 0:
+		return status.Errorf(codes.InvalidArgument, "%s %s is a symbolic link", what, p)
+	case fi.Mode().IsRegular() && fi.Size() > 0:
+		return status.Errorf(codes.InvalidArgument, "%s %s is a file with data, not a path this driver made", what, p)
+	case dir && !fi.IsDir():
+		return status.Errorf(codes.InvalidArgument, "%s %s is not a directory", what, p)
+	}
+	return nil
+}
+
+// onDevice reports whether path lies on block device dev: in a file system mounted from it,
+// or the device node itself (a block volume's target).
+func onDevice(path, dev string) bool {
+	var st, d unix.Stat_t
+	if unix.Stat(dev, &d) != nil || unix.Stat(path, &st) != nil {
+		return false
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFBLK {
+		return st.Rdev == d.Rdev
+	}
+	return st.Dev == d.Rdev
 }
 
 // mountsOf returns where device dev is mounted: its file system (staged, and bind-mounted
@@ -310,6 +411,9 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	}
 	if _, err := os.Stat(req.VolumePath); err != nil {
 		return nil, status.Errorf(codes.NotFound, "volume path %s: %v", req.VolumePath, err)
+	}
+	if !onDevice(req.VolumePath, a.Device) {
+		return nil, status.Errorf(codes.NotFound, "volume %s is not at %s", req.VolumeId, req.VolumePath)
 	}
 	if req.VolumeCapability.GetBlock() == nil {
 		if ok, err := isBlockDevice(req.VolumePath); err == nil && !ok {

@@ -18,6 +18,7 @@ import (
 	mount "k8s.io/mount-utils"
 
 	"github.com/rawcow/csi-rawcow/internal/testfs"
+	"github.com/rawcow/csi-rawcow/internal/testsrv"
 	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 	"github.com/rawcow/csi-rawcow/pkg/images"
@@ -35,7 +36,12 @@ type testDriver struct {
 func startDriver(t testing.TB) *testDriver {
 	t.Helper()
 	testfs.RequireRoot(t)
-	root := t.TempDir()
+	return startDriverIn(t, t.TempDir())
+}
+
+// startDriverIn runs the driver with its root in dir.
+func startDriverIn(t testing.TB, root string) *testDriver {
+	t.Helper()
 	st, err := cow.OpenStore(filepath.Join(root, "store"))
 	if err != nil {
 		t.Fatal(err)
@@ -67,15 +73,7 @@ func startDriver(t testing.TB) *testDriver {
 			t.Errorf("serve: %v", err)
 		}
 		unmountUnder(t, root)
-		if err := srv.Close(); err != nil {
-			t.Errorf("close server: %v", err)
-		}
-		if loops, _ := blockdev.Loops(runDir); len(loops) > 0 {
-			t.Errorf("loop devices left: %+v", loops)
-			for _, l := range loops {
-				blockdev.DetachLoop(l.Device)
-			}
-		}
+		testsrv.Stop(t, srv, st, runDir)
 	})
 	return &testDriver{d: d, root: root, endpoint: sock, srv: srv}
 }
@@ -115,8 +113,16 @@ func (idGen) GenerateInvalidNodeID() string       { return "invalid-node-id" }
 // runs one suite per process, so each access type runs in a child process.
 func TestSanitySuite(t *testing.T) {
 	testfs.RequireRoot(t)
-	for _, accessType := range []string{"mount", "block"} {
-		t.Run(accessType, func(t *testing.T) {
+	// The merged view on the root file system (ext4), and the composed path on xfs and btrfs.
+	for _, run := range []struct{ accessType, storeFS string }{
+		{"mount", ""}, {"block", ""}, {"mount", "xfs"}, {"block", "xfs"}, {"mount", "btrfs"}, {"block", "btrfs"},
+	} {
+		accessType := run.accessType
+		name := accessType
+		if run.storeFS != "" {
+			name += "-composed-on-" + run.storeFS
+		}
+		t.Run(name, func(t *testing.T) {
 			// csi-test v5.6.0 compares the snapshot's topology with gomega's Equal, which is
 			// reflect.DeepEqual on protobuf messages: a message that was marshalled (the
 			// request's copy, sizeCache set) never equals a freshly decoded one. That one spec
@@ -124,7 +130,7 @@ func TestSanitySuite(t *testing.T) {
 			// TestSnapshotTopology checks the same property with proto.Equal.
 			cmd := exec.Command(os.Args[0], "-test.run=^TestSanityChild$", "-test.v", "-test.timeout=30m",
 				"-ginkgo.no-color", "-ginkgo.skip=should succeed when creating a snapshot with accessibility requirements")
-			cmd.Env = append(os.Environ(), "SANITY_ACCESS_TYPE="+accessType)
+			cmd.Env = append(os.Environ(), "SANITY_ACCESS_TYPE="+accessType, "SANITY_STORE_FS="+run.storeFS)
 			out, err := cmd.StdoutPipe()
 			if err != nil {
 				t.Fatal(err)
@@ -169,7 +175,12 @@ func TestSanityChild(t *testing.T) {
 	if accessType == "" {
 		t.Skip("run by TestSanitySuite")
 	}
-	td := startDriver(t)
+	testfs.RequireRoot(t)
+	root := t.TempDir()
+	if fs := os.Getenv("SANITY_STORE_FS"); fs != "" {
+		root = testfs.Mount(t, fs, 4<<30)
+	}
+	td := startDriverIn(t, root)
 	cfg := sanity.NewTestConfig()
 	cfg.Address = td.endpoint
 	cfg.TargetPath = filepath.Join(td.root, "target")

@@ -1,0 +1,71 @@
+// Package testsrv starts presentation servers for tests and makes sure they leave nothing
+// behind: no loop device, no mount, attached volume or FUSE file system, also when the test
+// failed.
+package testsrv
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rawcow/csi-rawcow/internal/testfs"
+	"github.com/rawcow/csi-rawcow/pkg/blockdev"
+	"github.com/rawcow/csi-rawcow/pkg/cow"
+)
+
+// Start serves st from runDir. Cleanup detaches what the test left attached (and fails the
+// test for it), closes the server and checks that no loop device or mount remains.
+func Start(t testing.TB, st *cow.Store, runDir string) *blockdev.Server {
+	t.Helper()
+	testfs.RequireRoot(t)
+	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { Stop(t, srv, st, runDir) })
+	return srv
+}
+
+// Stop ends a server the way Start's cleanup does; for tests that stop one themselves.
+func Stop(t testing.TB, srv *blockdev.Server, st *cow.Store, runDir string) {
+	t.Helper()
+	// Composed devices outlive a server by design: a test detaches them itself.
+	if as, err := srv.List(); err == nil {
+		for _, a := range as {
+			if a.Composed {
+				t.Errorf("%s is still attached at %s", a.Name, a.Device)
+				srv.Detach(a.Name)
+			}
+		}
+	}
+	if err := srv.Close(); err != nil {
+		t.Errorf("close server: %v", err)
+	}
+	AssertReleased(t, runDir)
+	AssertReleased(t, filepath.Join(st.Dir(), "layers"))
+}
+
+// AssertReleased fails the test if a loop device serves a file under dir or a mount lies
+// under dir, and releases them.
+func AssertReleased(t testing.TB, dir string) {
+	t.Helper()
+	loops, err := blockdev.Loops(dir)
+	if err != nil {
+		t.Error(err)
+	}
+	for _, l := range loops {
+		t.Errorf("loop device %s still serves %s", l.Device, l.Backing)
+		blockdev.DetachLoop(l.Device)
+	}
+	mounts, _ := os.ReadFile("/proc/self/mounts")
+	lines := strings.Split(string(mounts), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if f := strings.Fields(lines[i]); len(f) > 1 && strings.HasPrefix(f[1], dir+"/") || len(f) > 1 && f[1] == dir {
+			t.Errorf("still mounted: %s", lines[i])
+			unix.Unmount(f[1], unix.MNT_DETACH)
+		}
+	}
+}
