@@ -9,27 +9,93 @@ import (
 	"io/fs"
 	"math"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
+	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
 
-// defaultStoreDir is where the image tool looks for the store when neither --store nor
-// CSI_RAWCOW_STORE says otherwise.
-const defaultStoreDir = "/var/lib/csi-rawcow/store"
-
-// imageTool is one run of `csi-rawcow image`: where it writes and which store it uses.
+// imageTool is one run of `csi-rawcow image`: where it writes, and where the store, the
+// base images and the node's server are.
 type imageTool struct {
 	stdout   io.Writer
 	stderr   io.Writer
 	progress *os.File // where progress bars go, when it is a terminal
-	storeDir string
+	cmd      string   // the subcommand, for messages
+
+	// The flags as given; the directories they name come from the methods below.
+	rootFlag  dirFlag // --root: ROOT/store is the store, ROOT/images the base images
+	storeFlag dirFlag // --store: overrides ROOT/store
+	runFlag   dirFlag // --run-dir: the node server's run directory
+}
+
+// dirFlag is a directory flag that remembers whether it was set, so that an explicit
+// --root wins over $CSI_RAWCOW_STORE while an explicit --store wins over everything.
+type dirFlag struct {
+	value string
+	set   bool
+}
+
+func (f *dirFlag) String() string { return f.value }
+func (f *dirFlag) Set(s string) error {
+	if s == "" {
+		return errors.New("empty directory")
+	}
+	f.value, f.set = s, true
+	return nil
+}
+
+// root is the node's root directory: --root, else $CSI_RAWCOW_ROOT, else /var/lib/csi-rawcow.
+func (t *imageTool) root() string {
+	if t.rootFlag.set {
+		return t.rootFlag.value
+	}
+	return rootDirDefault()
+}
+
+// storeDir is the store: --store, else ROOT/store when --root is given, else
+// $CSI_RAWCOW_STORE, else ROOT/store.
+func (t *imageTool) storeDir() string {
+	switch {
+	case t.storeFlag.set:
+		return t.storeFlag.value
+	case t.rootFlag.set:
+		return filepath.Join(t.rootFlag.value, "store")
+	case os.Getenv("CSI_RAWCOW_STORE") != "":
+		return os.Getenv("CSI_RAWCOW_STORE")
+	}
+	return filepath.Join(rootDirDefault(), "store")
+}
+
+// imagesDir holds the base images: ROOT/images.
+func (t *imageTool) imagesDir() string { return filepath.Join(t.root(), "images") }
+
+// locationFlags registers --root, --store and --run-dir on fs. The image tool takes them
+// before the command and after it alike: `image --root R list` and `image list --root R`.
+func (t *imageTool) locationFlags(fs *flag.FlagSet) {
+	fs.Var(&t.rootFlag, "root", "the node's root `DIR`: DIR/store is the store, DIR/images the base images (default $CSI_RAWCOW_ROOT or "+defaultRootDir+")")
+	fs.Var(&t.storeFlag, "store", "the store `DIR` (default ROOT/store, or $CSI_RAWCOW_STORE without --root)")
+	fs.Var(&t.runFlag, "run-dir", "the run `DIR` of the node's server, which changes attached volumes (default $CSI_RAWCOW_RUN or "+defaultRunDir+")")
+}
+
+// runDir is the run directory of the node's server: --run-dir, else $CSI_RAWCOW_RUN, else
+// /run/csi-rawcow.
+func (t *imageTool) runDir() string {
+	if t.runFlag.set {
+		return t.runFlag.value
+	}
+	return runDirDefault()
 }
 
 // imageCommand is one subcommand of `csi-rawcow image`.
@@ -42,16 +108,18 @@ type imageCommand struct {
 
 // imageCommands in the order the usage lists them.
 var imageCommands = []imageCommand{
-	{"create", "[--base FILE] [--label KEY=VALUE]... NAME [SIZE]",
-		"Create a volume of SIZE (10G, 512M, 4096; K/M/G/T/P/E are binary), over a raw base file if given.", imageCreate},
+	{"create", "[--base FILE | --image IMAGE] [--label KEY=VALUE]... NAME [SIZE]",
+		"Create a volume of SIZE (10G, 512M, 4096; K/M/G/T/P/E are binary), over a raw base file or a base image if given.", imageCreate},
+	{"import", "NAME FILE", "Import a raw or qcow2 image FILE as base image NAME (ROOT/images/NAME.raw) for volumes to build on.", imageImport},
 	{"info", "[--json] NAME", "Describe a volume or snapshot and its layers, bottom first.", imageInfo},
-	{"list", "[--json]", "List volumes and snapshots.", imageList},
+	{"list", "[--json]", "List base images, volumes and snapshots.", imageList},
 	{"map", "[--json] NAME", "Show which layer serves each extent of a volume or snapshot.", imageMap},
 	{"snapshot", "[--label KEY=VALUE]... VOLUME SNAPSHOT", "Take a snapshot of a volume (O(1), nothing copied).", imageSnapshot},
 	{"clone", "[--label KEY=VALUE]... SOURCE NAME", "Create volume NAME over a snapshot or a volume (O(1), nothing copied).", imageClone},
 	{"resize", "NAME [+]SIZE", "Grow a volume to SIZE, or by SIZE with a leading '+'. Volumes never shrink.", imageResize},
 	{"merge", "SNAPSHOT", "Delete a snapshot and merge its layer away, or free it, once no chain needs it.", imageMerge},
 	{"delete", "NAME", "Delete a volume, or a snapshot (like merge).", imageDelete},
+	{"rm", "IMAGE", "Remove base image IMAGE; refused while volumes or snapshots build on it.", imageRemove},
 	{"flatten", "NAME FILE", "Write a volume or snapshot to FILE as one sparse plain raw image.", imageFlatten},
 	{"check", "[--repair] [--json]", "Check the store; exit 1 when problems are found. --repair removes unused layers and stray files.", imageCheck},
 	{"diff", "[--json] A B", "Show the extents that may differ between two volumes or snapshots.", imageDiff},
@@ -85,14 +153,10 @@ func imageMain(args []string) int {
 
 // runImage runs `csi-rawcow image ARGS` and returns the exit status.
 func runImage(args []string, stdout, stderr io.Writer, progress *os.File) int {
-	storeDefault := os.Getenv("CSI_RAWCOW_STORE")
-	if storeDefault == "" {
-		storeDefault = defaultStoreDir
-	}
 	t := &imageTool{stdout: stdout, stderr: stderr, progress: progress}
 	global := flag.NewFlagSet("csi-rawcow image", flag.ContinueOnError)
 	global.SetOutput(stderr)
-	global.StringVar(&t.storeDir, "store", storeDefault, "the store `DIR` (default from $CSI_RAWCOW_STORE)")
+	t.locationFlags(global)
 	global.Usage = func() { imageUsage(global, stderr) }
 	if err := global.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -117,8 +181,10 @@ func runImage(args []string, stdout, stderr io.Writer, progress *os.File) int {
 		return 2
 	}
 	cmd := imageCommands[i]
+	t.cmd = cmd.name
 	fs := flag.NewFlagSet("csi-rawcow image "+cmd.name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	t.locationFlags(fs)
 	fs.Usage = func() { commandUsage(fs, cmd, stderr) }
 	err := cmd.run(t, fs, rest)
 	var usage *usageError
@@ -148,7 +214,7 @@ func oneLine(s string) string {
 }
 
 func imageUsage(global *flag.FlagSet, w io.Writer) {
-	fmt.Fprintln(w, "usage: csi-rawcow image [--store DIR] COMMAND [ARGS]")
+	fmt.Fprintln(w, "usage: csi-rawcow image [--root DIR] [--store DIR] [--run-dir DIR] COMMAND [ARGS]")
 	fmt.Fprintln(w, "\ncommands:")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	for _, c := range imageCommands {
@@ -162,13 +228,8 @@ func imageUsage(global *flag.FlagSet, w io.Writer) {
 }
 
 func commandUsage(fs *flag.FlagSet, c imageCommand, w io.Writer) {
-	fmt.Fprintf(w, "usage: csi-rawcow image [--store DIR] %s %s\n\n%s\n", c.name, c.synopsis, c.help)
-	n := 0
-	fs.VisitAll(func(*flag.Flag) { n++ })
-	if n > 0 {
-		fmt.Fprintln(w, "\nflags:")
-		fs.PrintDefaults()
-	}
+	fmt.Fprintf(w, "usage: csi-rawcow image [--root DIR] [--store DIR] %s %s\n\n%s\n\nflags:\n", c.name, c.synopsis, c.help)
+	fs.PrintDefaults()
 }
 
 // parseArgs parses flags placed anywhere among the positional arguments (the flag package
@@ -223,17 +284,24 @@ func validateNames(names ...string) error {
 // openStore opens the store. Only create may make a new one: every other command refuses
 // a directory that is not a store, so a mistyped --store creates nothing.
 func (t *imageTool) openStore(create bool) (*cow.Store, error) {
+	dir := t.storeDir()
 	if !create {
-		if _, err := os.Stat(t.storeDir); errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("store %s does not exist (set --store or $CSI_RAWCOW_STORE)", t.storeDir)
+		if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("store %s does not exist (set --root or --store, or $CSI_RAWCOW_ROOT or $CSI_RAWCOW_STORE)", dir)
 		} else if err != nil {
-			return nil, fmt.Errorf("store %s: %w", t.storeDir, err)
+			return nil, fmt.Errorf("store %s: %w", dir, err)
 		}
-		if _, err := os.Stat(filepath.Join(t.storeDir, "layers")); err != nil {
-			return nil, fmt.Errorf("%s is not a csi-rawcow store: %w", t.storeDir, err)
+		if _, err := os.Stat(filepath.Join(dir, "layers")); err != nil {
+			return nil, fmt.Errorf("%s is not a csi-rawcow store: %w", dir, err)
 		}
 	}
-	return cow.OpenStore(t.storeDir)
+	return cow.OpenStore(dir)
+}
+
+// storeExists reports whether the store has been made; only create makes one.
+func (t *imageTool) storeExists() bool {
+	_, err := os.Stat(filepath.Join(t.storeDir(), "layers"))
+	return err == nil
 }
 
 // labelFlag collects repeated --label KEY=VALUE flags.
@@ -338,10 +406,24 @@ func (t *imageTool) printJSON(v any) error {
 
 func imageCreate(t *imageTool, fs *flag.FlagSet, args []string) error {
 	base := fs.String("base", "", "build on the raw image `FILE` (only ever read); SIZE defaults to its size")
+	image := fs.String("image", "", "build on base `IMAGE` of the node (ROOT/images/IMAGE.raw, see import); SIZE defaults to its size")
 	labels := labelsVar(fs)
 	pos, err := parsePositional(fs, args, 1, 2)
 	if err != nil {
 		return err
+	}
+	if *base != "" && *image != "" {
+		return usagef("--base and --image both name a base; give one")
+	}
+	if *image != "" {
+		if err := validateNames(pos[0]); err != nil {
+			return err
+		}
+		img, err := t.getImage(*image)
+		if err != nil {
+			return err
+		}
+		*base = img.Path
 	}
 	opts := cow.CreateOptions{Base: *base, Labels: *labels}
 	if len(pos) == 2 {
@@ -352,7 +434,7 @@ func imageCreate(t *imageTool, fs *flag.FlagSet, args []string) error {
 			return usagef("invalid size %q: a volume needs at least one byte", pos[1])
 		}
 	} else if *base == "" {
-		return usagef("missing SIZE (needed without --base)")
+		return usagef("missing SIZE (needed without --base or --image)")
 	}
 	name := pos[0]
 	if err := validateNames(name); err != nil {
@@ -447,30 +529,57 @@ func describeAll(st *cow.Store) ([]*cow.Info, error) {
 	return out, nil
 }
 
+// listEntry is one row of list: a volume or snapshot as info describes it, or a base image
+// (kind "image", its file as its one layer, with the chains that build on it).
+type listEntry struct {
+	*cow.Info
+	Path  string   `json:"path,omitempty"`  // images: the image file
+	Users []string `json:"users,omitempty"` // images: the volumes and snapshots built on it
+}
+
 func imageList(t *imageTool, fs *flag.FlagSet, args []string) error {
-	asJSON := fs.Bool("json", false, "print the descriptions (as info --json gives them) as a JSON array")
+	asJSON := fs.Bool("json", false, "print the descriptions (as info --json gives them; images with their path and users) as a JSON array")
 	if _, err := parsePositional(fs, args, 0, 0); err != nil {
 		return err
 	}
-	st, err := t.openStore(false)
+	// A node that has imported images but made no volume yet has no store: list the images.
+	var st *cow.Store
+	if t.storeExists() || !t.imagesExist() {
+		var err error
+		if st, err = t.openStore(false); err != nil {
+			return err
+		}
+	}
+	all, err := t.describeImages(st)
 	if err != nil {
 		return err
 	}
-	all, err := describeAll(st)
-	if err != nil {
-		return err
+	if st != nil {
+		chains, err := describeAll(st)
+		if err != nil {
+			return err
+		}
+		for _, info := range chains {
+			all = append(all, listEntry{Info: info})
+		}
 	}
 	if *asJSON {
 		return t.printJSON(all)
 	}
 	tw := tabwriter.NewWriter(t.stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tKIND\tVIRTUAL SIZE\tALLOCATED\tLAYERS\tSOURCE")
-	for _, info := range all {
-		src := info.Source
+	for _, e := range all {
+		src, layers := e.Source, fmt.Sprint(len(e.Layers))
+		if e.Kind == kindImage {
+			src, layers = e.Path, "-"
+			if len(e.Users) > 0 {
+				src += fmt.Sprintf(" (base of %d)", len(e.Users))
+			}
+		}
 		if src == "" {
 			src = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", info.Name, info.Kind, humanSize(info.Size), humanSize(info.Allocated), len(info.Layers), src)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Kind, humanSize(e.Size), humanSize(e.Allocated), layers, src)
 	}
 	return tw.Flush()
 }
@@ -554,7 +663,9 @@ func imageSnapshot(t *imageTool, fs *flag.FlagSet, args []string) error {
 	if _, err := needKind(st, vol, "volume", ""); err != nil {
 		return err
 	}
-	if err := st.Snapshot(vol, snap, *labels); err != nil {
+	err = st.Snapshot(vol, snap, *labels)
+	err = t.throughServer(st, vol, err, func(c *blockdev.Client) error { return c.Snapshot(vol, snap, *labels) })
+	if err != nil {
 		return err
 	}
 	info, err := st.Info(snap)
@@ -579,7 +690,9 @@ func imageClone(t *imageTool, fs *flag.FlagSet, args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := st.Clone(src, name, *labels); err != nil {
+	err = st.Clone(src, name, *labels)
+	err = t.throughServer(st, src, err, func(c *blockdev.Client) error { return c.Clone(src, name, *labels) })
+	if err != nil {
 		return err
 	}
 	info, err := st.Info(name)
@@ -618,7 +731,9 @@ func imageResize(t *imageTool, fs *flag.FlagSet, args []string) error {
 		}
 		size += info.Size
 	}
-	if err := st.Resize(name, size); err != nil {
+	err = st.Resize(name, size)
+	err = t.throughServer(st, name, err, func(c *blockdev.Client) error { return c.Resize(name, size) })
+	if err != nil {
 		if errors.Is(err, cow.ErrShrink) {
 			return fmt.Errorf("%w; volumes only grow", err)
 		}
@@ -675,7 +790,7 @@ func imageDelete(t *imageTool, fs *flag.FlagSet, args []string) error {
 		return err
 	}
 	if err := st.DeleteVolume(name); err != nil {
-		return err
+		return t.attachedHint(st, name, err)
 	}
 	after, err := describeAll(st)
 	if err != nil {
@@ -824,6 +939,10 @@ func imageCheck(t *imageTool, fs *flag.FlagSet, args []string) error {
 	if err != nil {
 		return err
 	}
+	if *repair && repairErr == nil && slices.ContainsFunc(probs, func(p cow.Problem) bool { return p.Subject == "manifest.json" }) {
+		// The engine lists a manifest that does not parse as a problem and repairs nothing.
+		repairErr = fmt.Errorf("%w: the manifest does not parse, so nothing was repaired", cow.ErrCorrupt)
+	}
 	rep := checkReport{Clean: len(probs) == 0, Problems: probs}
 	if rep.Problems == nil {
 		rep.Problems = []cow.Problem{}
@@ -930,4 +1049,127 @@ func imageDiff(t *imageTool, fs *flag.FlagSet, args []string) error {
 	fmt.Fprintf(t.stdout, "%s in %d %s may differ between %s and %s\n", sizeWithBytes(rep.Bytes), len(rep.Extents),
 		plural(len(rep.Extents), "extent", "extents"), pos[0], pos[1])
 	return nil
+}
+
+// throughServer redoes a chain-changing operation through the node's server when err says
+// that the volume is open in another process and that process is the server answering on
+// the run directory: it alone may change the chain of a volume it serves (it quiesces the
+// device's I/O). Any other error, or a busy volume no server of ours holds, is returned as
+// it is, with the reason the server could not help.
+func (t *imageTool) throughServer(st *cow.Store, volume string, err error, op func(c *blockdev.Client) error) error {
+	if !errors.Is(err, cow.ErrBusy) {
+		return err
+	}
+	c, _, why := t.serverHolding(st, volume)
+	if c == nil {
+		return fmt.Errorf("%w, and %s", err, why)
+	}
+	defer c.Close()
+	if err := op(c); err != nil {
+		return fmt.Errorf("volume %s is attached; through the server in %s: %w", volume, t.runDir(), err)
+	}
+	fmt.Fprintf(t.stderr, "csi-rawcow image %s: volume %s is attached; done through the server in %s\n", t.cmd, volume, t.runDir())
+	return nil
+}
+
+// attachedHint says who holds a volume that cannot be deleted, and what to do about it.
+func (t *imageTool) attachedHint(st *cow.Store, volume string, err error) error {
+	if !errors.Is(err, cow.ErrBusy) {
+		return err
+	}
+	c, a, _ := t.serverHolding(st, volume)
+	if c == nil {
+		return err
+	}
+	c.Close()
+	return fmt.Errorf("%w: the server in %s has it attached as %s; detach it first (csi-rawcow detach %s)", err, t.runDir(), a.Device, volume)
+}
+
+// serverHolding returns a client of the server of the run directory when that server has
+// volume of this store open: it lists the volume as attached, and it is the process that
+// holds the volume's lock file in st (STORE/locks/NAME.lock, see docs/FORMAT.md). A server
+// of another store that happens to have a volume of the same name is not ours to ask.
+// Without a client, why says what is missing.
+func (t *imageTool) serverHolding(st *cow.Store, volume string) (c *blockdev.Client, a blockdev.Attachment, why string) {
+	runDir := t.runDir()
+	pid, err := serverPID(runDir)
+	if err != nil {
+		return nil, a, fmt.Sprintf("no csi-rawcow server answers in %s (--run-dir) to do it there", runDir)
+	}
+	c, err = blockdev.Dial(runDir)
+	if err != nil {
+		return nil, a, fmt.Sprintf("the server in %s does not answer: %v", runDir, err)
+	}
+	as, err := c.List()
+	if err != nil {
+		c.Close()
+		return nil, a, fmt.Sprintf("the server in %s does not answer: %v", runDir, err)
+	}
+	i := slices.IndexFunc(as, func(a blockdev.Attachment) bool { return a.Name == volume && !a.Stale })
+	if i < 0 {
+		c.Close()
+		return nil, a, fmt.Sprintf("the server in %s does not serve it", runDir)
+	}
+	holders, err := lockHolders(filepath.Join(st.Dir(), "locks", volume+".lock"))
+	if err != nil || !slices.Contains(holders, pid) {
+		c.Close()
+		return nil, a, fmt.Sprintf("the server in %s (process %d) serves a volume %s of another store", runDir, pid, volume)
+	}
+	return c, as[i], ""
+}
+
+// serverPID returns the process id of the server listening on runDir's control socket.
+func serverPID(runDir string) (int, error) {
+	conn, err := net.DialTimeout("unix", filepath.Join(runDir, blockdev.ControlSocket), 5*time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close()
+	raw, err := conn.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if credErr != nil {
+		return 0, credErr
+	}
+	if cred.Pid <= 0 {
+		return 0, fmt.Errorf("the server on %s runs in another pid namespace", runDir)
+	}
+	return int(cred.Pid), nil
+}
+
+// lockHolders returns the processes that hold a flock on the file at path, from /proc/locks
+// (whose lines read "1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF"). Only the inode is
+// compared: on btrfs the device /proc/locks shows is not the one stat reports.
+func lockHolders(path string) ([]int, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile("/proc/locks")
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 6 || f[1] != "FLOCK" { // blocked waiters read "1: -> FLOCK ..."
+			continue
+		}
+		id := strings.Split(f[5], ":")
+		if len(id) != 3 || id[2] != strconv.FormatUint(st.Ino, 10) {
+			continue
+		}
+		if pid, err := strconv.Atoi(f[4]); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
 }

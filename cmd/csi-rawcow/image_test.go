@@ -14,13 +14,22 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/rawcow/csi-rawcow/internal/testfs"
+	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
 
 // binPath is the csi-rawcow binary TestMain builds; the tests run it as a subprocess.
 var binPath string
+
+// testEnv is the environment the binary runs in: the caller's, without the CSI_RAWCOW_
+// variables, and with a root and a run directory that do not exist, so that neither the
+// node's base images nor a server running on this machine reach into a test.
+var testEnv []string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "csi-rawcow-bin-")
@@ -29,6 +38,12 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binPath = filepath.Join(dir, "csi-rawcow")
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "CSI_RAWCOW_") {
+			testEnv = append(testEnv, kv)
+		}
+	}
+	testEnv = append(testEnv, "CSI_RAWCOW_ROOT="+filepath.Join(dir, "no-root"), "CSI_RAWCOW_RUN="+filepath.Join(dir, "no-run"))
 	build := exec.Command(goTool(), "build", "-o", binPath, ".")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
@@ -75,7 +90,14 @@ type result struct {
 // run runs `csi-rawcow image --store STORE ARGS...`.
 func run(t *testing.T, store string, args ...string) result {
 	t.Helper()
-	cmd := exec.Command(binPath, append([]string{"image", "--store", store}, args...)...)
+	return runIn(t, testEnv, append([]string{"--store", store}, args...)...)
+}
+
+// runIn runs `csi-rawcow image ARGS...` in the environment env.
+func runIn(t *testing.T, env []string, args ...string) result {
+	t.Helper()
+	cmd := exec.Command(binPath, append([]string{"image"}, args...)...)
+	cmd.Env = env
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -725,7 +747,14 @@ func TestImageBadNames(t *testing.T) {
 			{"flatten", bad, dst},
 			{"diff", bad, "vol"},
 			{"diff", "vol", bad},
+			{"import", bad, "/dev/null"},
+			{"rm", bad},
+			{"create", "--image=" + bad, "v"},
+			{"create", "--image", "img", bad},
 		} {
+			if args[1] == "--image=" {
+				continue // an empty --image is no image: a usage error, tested in TestImageUsage
+			}
 			mustFail(t, store, 1, "invalid name", args...)
 		}
 	}
@@ -756,7 +785,7 @@ func TestImageUsage(t *testing.T) {
 	}{
 		{nil, 2, "missing command"},
 		{[]string{"frobnicate"}, 2, "unknown command"},
-		{[]string{"create"}, 2, "usage: csi-rawcow image [--store DIR] create"},
+		{[]string{"create"}, 2, "usage: csi-rawcow image [--root DIR] [--store DIR] create"},
 		{[]string{"create", "v"}, 2, "missing SIZE"},
 		{[]string{"create", "v", "10X"}, 2, "unknown unit"},
 		{[]string{"create", "v", "0"}, 2, "invalid size"},
@@ -771,6 +800,11 @@ func TestImageUsage(t *testing.T) {
 		{[]string{"clone", "nope", "c2"}, 1, "not found"},
 		{[]string{"diff", "vol", "nope"}, 1, "not found"},
 		{[]string{"create", "--base", "/nonexistent/base.raw", "v"}, 1, "not found"},
+		{[]string{"create", "--image=", "v"}, 2, "missing SIZE"},
+		{[]string{"create", "--image", "img", "v"}, 1, "no base images in"},
+		{[]string{"import", "img"}, 2, "missing arguments"},
+		{[]string{"rm"}, 2, "missing arguments"},
+		{[]string{"rm", "img"}, 1, "no base images in"},
 	} {
 		mustFail(t, store, c.code, c.want, c.args...)
 	}
@@ -791,7 +825,7 @@ func TestImageUsage(t *testing.T) {
 	}
 	// The store comes from $CSI_RAWCOW_STORE without --store.
 	cmd := exec.Command(binPath, "image", "list", "--json")
-	cmd.Env = append(os.Environ(), "CSI_RAWCOW_STORE="+store)
+	cmd.Env = append(slices.Clone(testEnv), "CSI_RAWCOW_STORE="+store)
 	out, err := cmd.Output()
 	if err != nil || len(decode[[]cow.Info](t, string(out))) != 3 {
 		t.Fatalf("list with $CSI_RAWCOW_STORE: %v: %s", err, out)
@@ -877,4 +911,150 @@ func TestImageBusy(t *testing.T) {
 	}
 	mustRun(t, store, "info", "vol")
 	mustRun(t, store, "flatten", "snap", dst)
+}
+
+// TestImageThroughServer: snapshot, resize and clone of a volume the node's server has
+// attached go through that server (live, the device follows); delete is refused with what
+// to do; without the server, or with a server of another store, the volume stays busy.
+func TestImageThroughServer(t *testing.T) {
+	needTools(t, "flock")
+	_, err := os.Stat("/dev/fuse")
+	need(t, err == nil, "no /dev/fuse")
+	store := filepath.Join(t.TempDir(), "store")
+	runDir := filepath.Join(t.TempDir(), "run")
+	mustRun(t, store, "create", "vol", "4M")
+	st, err := cow.OpenStore(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctl, err := srv.ServeControl()
+	if err != nil {
+		srv.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctl.Close()
+		if err := srv.Close(); err != nil {
+			t.Errorf("close the server: %v", err)
+		}
+		if loops, err := blockdev.Loops(runDir); err != nil || len(loops) > 0 {
+			t.Errorf("loop devices left over %s: %+v (%v)", runDir, loops, err)
+		}
+	})
+	a, err := srv.Attach("vol", blockdev.AttachOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := os.OpenFile(a.Device, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	model := make([]byte, 4*MiB)
+	write := func(off int64, p []byte) {
+		t.Helper()
+		if _, err := dev.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		if err := dev.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	viaServer := func(want string, args ...string) string {
+		t.Helper()
+		r := runIn(t, testEnv, append([]string{"--store", store, "--run-dir", runDir}, args...)...)
+		note := fmt.Sprintf("csi-rawcow image %s: volume %s is attached; done through the server in %s\n", args[0], args[1], runDir)
+		if r.code != 0 || r.stderr != note || !strings.Contains(r.stdout, want) {
+			t.Fatalf("image %v: exit %d\nstdout: %s\nstderr: %s", args, r.code, r.stdout, r.stderr)
+		}
+		return r.stdout
+	}
+
+	// snapshot: point in time; later writes to the device do not reach it.
+	write(0, pattern(MiB, 50))
+	viaServer("created snapshot s1 of volume vol", "snapshot", "vol", "s1")
+	model1 := slices.Clone(model)
+	write(512*KiB, pattern(MiB, 51))
+	flattenAndCompare(t, store, "s1", model1)
+
+	// Without the server's run directory the volume is busy, and nothing changes.
+	state := storeState(t, store)
+	for _, args := range [][]string{{"snapshot", "vol", "s2"}, {"resize", "vol", "+1M"}, {"clone", "vol", "c2"}} {
+		mustFail(t, store, 1, "in use", args...)
+		mustFail(t, store, 1, "no csi-rawcow server answers", args...)
+	}
+	if storeState(t, store) != state {
+		t.Fatal("a refused command changed the store")
+	}
+
+	// resize: the loop device takes up the new size at once.
+	viaServer("resized volume vol: 4 MiB -> 8 MiB", "resize", "vol", "+4M")
+	if size, err := unix.IoctlGetUint64(int(dev.Fd()), unix.BLKGETSIZE64); err != nil || size != 8*MiB {
+		t.Fatalf("the device has %d bytes after the resize (%v), want %d", size, err, 8*MiB)
+	}
+	model = grow(model, 8*MiB)
+	write(7*MiB, pattern(4096, 52)) // beyond the old end
+	mustFail(t, store, 1, "only volumes can be resized", "resize", "s1", "+1M", "--run-dir", runDir)
+	r := runIn(t, testEnv, "--store", store, "--run-dir", runDir, "resize", "vol", "4M")
+	if r.code != 1 || !strings.Contains(r.stderr, "shrinking is not supported; volumes only grow") {
+		t.Fatalf("shrink through the server: exit %d: %s", r.code, r.stderr)
+	}
+
+	// clone of the attached volume: its top is frozen live; the clone reads what it held.
+	viaServer("created volume c1 from vol", "clone", "vol", "c1")
+	modelC1 := slices.Clone(model)
+	write(0, pattern(4096, 53)) // the device goes on over a new top
+	flattenAndCompare(t, store, "c1", modelC1)
+	mustRun(t, store, "snapshot", "c1", "c1-s") // not attached: done here, quietly
+
+	// delete: refused while attached, saying by whom and what to do.
+	state = storeState(t, store)
+	r = mustFail(t, store, 1, "in use", "delete", "vol", "--run-dir", runDir)
+	if !strings.Contains(r.stderr, "has it attached as "+a.Device) || !strings.Contains(r.stderr, "detach it first") {
+		t.Fatalf("delete of an attached volume: %q", r.stderr)
+	}
+	if storeState(t, store) != state {
+		t.Fatal("a refused delete changed the store")
+	}
+
+	// Another store with a volume of the same name, held by another process: the server
+	// (which serves this store's vol) must not be asked, and this store must not change.
+	other := newSmallStore(t)
+	lock := filepath.Join(other, "locks", "vol.lock")
+	if err := os.MkdirAll(filepath.Dir(lock), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	holder := exec.Command("flock", "--exclusive", lock, "sleep", "60")
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { holder.Process.Kill(); holder.Wait() }()
+	for i := 0; ; i++ {
+		if pids, _ := lockHolders(lock); slices.Contains(pids, holder.Process.Pid) {
+			break
+		}
+		if i == 500 {
+			t.Fatal("flock never took the lock")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	otherState := storeState(t, other)
+	for _, args := range [][]string{{"snapshot", "vol", "x"}, {"resize", "vol", "+1M"}, {"clone", "vol", "x"}} {
+		mustFail(t, other, 1, "serves a volume vol of another store", append(args, "--run-dir", runDir)...)
+	}
+	if storeState(t, store) != state || storeState(t, other) != otherState {
+		t.Fatal("a command on another store's busy volume changed a store")
+	}
+	if err := dev.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Detach("vol"); err != nil {
+		t.Fatal(err)
+	}
+	flattenAndCompare(t, store, "vol", model)
 }

@@ -124,6 +124,7 @@ func TestFlattenProgress(t *testing.T) {
 	out := drain(master)
 	dst := filepath.Join(t.TempDir(), "vol.raw")
 	cmd := exec.Command(binPath, "image", "--store", store, "flatten", "vol", dst)
+	cmd.Env = testEnv
 	var stdout bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, slave
 	if err := cmd.Run(); err != nil {
