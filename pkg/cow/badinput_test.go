@@ -224,6 +224,9 @@ func (fx *badFixture) allOps(t *testing.T, want error) []badOp {
 		{"Create(new, base)", func() error { return st.Create("new", cow.CreateOptions{Base: fx.base}) }, want},
 		{"Snapshot(vol)", func() error { return st.Snapshot("vol", "snap2", nil) }, want},
 		{"Snapshot(other)", func() error { return st.Snapshot("other", "snap2", nil) }, want},
+		{"SnapshotGroup(vol, other)", func() error {
+			return st.SnapshotGroup([]string{"vol", "other"}, []string{"g1", "g2"}, nil)
+		}, want},
 		{"Clone(snap)", func() error { return st.Clone("snap", "new", nil) }, want},
 		{"Clone(vol)", func() error { return st.Clone("vol", "new", nil) }, want},
 		{"Resize(vol)", func() error { return st.Resize("vol", 32*bs) }, want},
@@ -304,7 +307,7 @@ func TestBadManifest(t *testing.T) {
 			fx.editManifest(t, func(m map[string]any) { m["compression"] = "zstd" })
 		}, "manifest"},
 		{"unknown layer field", func(t *testing.T, fx *badFixture) {
-			fx.editManifest(t, func(m map[string]any) { layerEntry(m, fx.T)["opaque"] = true })
+			fx.editManifest(t, func(m map[string]any) { layerEntry(m, fx.T)["compressionLevel"] = 9 })
 		}, "manifest"},
 		{"format 2", func(t *testing.T, fx *badFixture) {
 			fx.editManifest(t, func(m map[string]any) { m["format"] = 2 })
@@ -590,16 +593,22 @@ func TestBadNames(t *testing.T) {
 		"Snapshot(vol, n)":  func(n string) error { return st.Snapshot("vol", n, nil) },
 		"Snapshot(open, n)": func(n string) error { return st.Snapshot("other", n, nil) },
 		"Chain.Snapshot(n)": func(n string) error { return c.Snapshot(n, nil) },
-		"Clone(n, new)":     func(n string) error { return st.Clone(n, "newx", nil) },
-		"Clone(snap, n)":    func(n string) error { return st.Clone("snap", n, nil) },
-		"Clone(vol, n)":     func(n string) error { return st.Clone("vol", n, nil) },
-		"Resize":            func(n string) error { return st.Resize(n, 64*bs) },
-		"DeleteVolume":      func(n string) error { return st.DeleteVolume(n) },
-		"DeleteSnapshot":    func(n string) error { return st.DeleteSnapshot(n) },
-		"Changed(n, vol)":   func(n string) error { _, err := st.Changed(n, "vol"); return err },
-		"Changed(snap, n)":  func(n string) error { _, err := st.Changed("snap", n); return err },
-		"Export":            func(n string) error { return st.Export(n, dst, nil) },
-		"ValidateName":      cow.ValidateName,
+		"SnapshotGroup(n, snap)": func(n string) error {
+			return st.SnapshotGroup([]string{"vol", n}, []string{"g1", "g2"}, nil)
+		},
+		"SnapshotGroup(vol, n)": func(n string) error {
+			return st.SnapshotGroup([]string{"vol", "other"}, []string{"g1", n}, nil)
+		},
+		"Clone(n, new)":    func(n string) error { return st.Clone(n, "newx", nil) },
+		"Clone(snap, n)":   func(n string) error { return st.Clone("snap", n, nil) },
+		"Clone(vol, n)":    func(n string) error { return st.Clone("vol", n, nil) },
+		"Resize":           func(n string) error { return st.Resize(n, 64*bs) },
+		"DeleteVolume":     func(n string) error { return st.DeleteVolume(n) },
+		"DeleteSnapshot":   func(n string) error { return st.DeleteSnapshot(n) },
+		"Changed(n, vol)":  func(n string) error { _, err := st.Changed(n, "vol"); return err },
+		"Changed(snap, n)": func(n string) error { _, err := st.Changed("snap", n); return err },
+		"Export":           func(n string) error { return st.Export(n, dst, nil) },
+		"ValidateName":     cow.ValidateName,
 	}
 	names := make([]string, 0, len(calls))
 	for k := range calls {
@@ -631,7 +640,7 @@ func TestBadNames(t *testing.T) {
 	}
 	// Names that are fine but do not exist: ErrNotFound, nothing created.
 	before = storeStateOf(t, st.Dir(), false)
-	for _, call := range []string{"Open", "Open(ro)", "OpenSnapshot", "OpenName", "Info", "Snapshot(n, snap)", "Clone(n, new)",
+	for _, call := range []string{"Open", "Open(ro)", "OpenSnapshot", "OpenName", "Info", "Snapshot(n, snap)", "SnapshotGroup(n, snap)", "Clone(n, new)",
 		"Resize", "DeleteVolume", "DeleteSnapshot", "Changed(n, vol)", "Changed(snap, n)", "Export"} {
 		if err := calls[call]("nosuch"); !errors.Is(err, cow.ErrNotFound) {
 			t.Errorf("%s(nosuch): got %v, want ErrNotFound", call, err)
