@@ -11,6 +11,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
@@ -185,6 +186,7 @@ func (fs *chainFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Re
 	}
 	n, err := f.chain.ReadAt(buf[:in.Size], int64(in.Offset))
 	if err != nil && !errors.Is(err, io.EOF) {
+		klog.ErrorS(err, "Read failed", "name", f.name, "offset", in.Offset, "size", in.Size)
 		return nil, errnoOf(err)
 	}
 	return fuse.ReadResultData(buf[:n]), fuse.OK
@@ -197,6 +199,7 @@ func (fs *chainFS) Write(_ <-chan struct{}, in *fuse.WriteIn, data []byte) (uint
 	}
 	n, err := f.chain.WriteAt(data, int64(in.Offset))
 	if err != nil {
+		klog.ErrorS(err, "Write failed", "name", f.name, "offset", in.Offset, "size", len(data))
 		return uint32(n), errnoOf(err)
 	}
 	return uint32(n), fuse.OK

@@ -258,13 +258,42 @@ func (s *Server) composes(name, presentation string) (bool, error) {
 		if info.Kind != "volume" {
 			return false, fmt.Errorf("attach %s: %w: only a volume can be composed", name, cow.ErrNotSupported)
 		}
+		if err := s.sameFileSystem(info); err != nil {
+			return false, fmt.Errorf("attach %s: %w", name, err)
+		}
 		return true, nil
 	case PresentMerged:
 		return false, nil
 	case PresentAuto, "":
-		return info.Kind == "volume" && s.reflinks, nil
+		if info.Kind != "volume" || !s.reflinks {
+			return false, nil
+		}
+		if err := s.sameFileSystem(info); err != nil {
+			klog.InfoS("Serving the merged view instead of composing", "name", name, "reason", err)
+			return false, nil
+		}
+		return true, nil
 	}
 	return false, fmt.Errorf("attach %s: %w: presentation %q (auto, merged, composed)", name, cow.ErrNotSupported, presentation)
+}
+
+// sameFileSystem fails when the volume's base lies on another file system than the store:
+// composing would then copy the base's data into every volume instead of sharing it.
+func (s *Server) sameFileSystem(info *cow.Info) error {
+	if len(info.Layers) == 0 || info.Layers[0].State != cow.Base {
+		return nil
+	}
+	var base, store unix.Stat_t
+	if err := unix.Stat(info.Layers[0].Path, &base); err != nil {
+		return fmt.Errorf("base %s: %w", info.Layers[0].Path, err)
+	}
+	if err := unix.Stat(s.store.Dir(), &store); err != nil {
+		return fmt.Errorf("store %s: %w", s.store.Dir(), err)
+	}
+	if base.Dev != store.Dev {
+		return fmt.Errorf("%w: base %s is on another file system than the store; import it (csi-rawcow image import) so that volumes share its blocks", cow.ErrNotSupported, info.Layers[0].Path)
+	}
+	return nil
 }
 
 func (s *Server) attachMerged(name string, readOnly bool) (*Attachment, error) {
@@ -358,6 +387,9 @@ func (s *Server) detachLocked(a *Attachment) error {
 		time.Sleep(20 * time.Millisecond)
 	}
 	delete(s.attached, a.Name)
+	if a.file != nil {
+		s.fs.remove(a.file)
+	}
 	if err := a.close(); err != nil {
 		return fmt.Errorf("detach %s: %w", a.Name, err)
 	}

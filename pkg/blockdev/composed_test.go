@@ -1,0 +1,112 @@
+package blockdev_test
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/rawcow/csi-rawcow/internal/testfs"
+	"github.com/rawcow/csi-rawcow/internal/testsrv"
+	"github.com/rawcow/csi-rawcow/pkg/blockdev"
+	"github.com/rawcow/csi-rawcow/pkg/cow"
+)
+
+// TestMixedPresentations attaches one volume merged, composed and merged again on reflink
+// file systems, writing each time: every attachment reads what all earlier ones wrote.
+func TestMixedPresentations(t *testing.T) {
+	for _, kind := range []string{"xfs", "btrfs"} {
+		t.Run(kind, func(t *testing.T) {
+			dir := testfs.Mount(t, kind, 2<<30)
+			st, err := cow.OpenStore(filepath.Join(dir, "store"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			base := filepath.Join(dir, "base.raw")
+			writeFile(t, base, bytes.Repeat([]byte("base"), 4<<20))
+			if err := st.Create("vol", cow.CreateOptions{Base: base, Size: 64 << 20}); err != nil {
+				t.Fatal(err)
+			}
+			srv := testsrv.Start(t, st, t.TempDir())
+			want := bytes.Repeat([]byte("base"), 4<<20)
+			want = append(want, make([]byte, 64<<20-len(want))...)
+			var atSnapshot []byte
+			for i, p := range []string{blockdev.PresentMerged, blockdev.PresentComposed, blockdev.PresentMerged, blockdev.PresentComposed} {
+				a, err := srv.Attach("vol", blockdev.AttachOptions{Presentation: p})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if a.Composed != (p == blockdev.PresentComposed) {
+					t.Fatalf("asked for %s, got composed=%v", p, a.Composed)
+				}
+				if got := readDevice(t, a.Device, 0, 64<<20); !bytes.Equal(got, want) {
+					t.Fatalf("attachment %d (%s) does not read what earlier ones wrote", i, p)
+				}
+				chunk := bytes.Repeat([]byte{byte('a' + i)}, 1<<20)
+				off := int64(i) * 3 << 20
+				writeDevice(t, a.Device, chunk, off)
+				copy(want[off:], chunk)
+				if i == 1 { // a live FICLONE snapshot of the composed volume
+					if err := srv.Snapshot("vol", "snap", nil); err != nil {
+						t.Fatal(err)
+					}
+					atSnapshot = bytes.Clone(want)
+				}
+				if err := srv.Detach("vol"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			snap, err := st.OpenSnapshot("snap")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer snap.Close()
+			got := make([]byte, len(atSnapshot))
+			if _, err := snap.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, atSnapshot) {
+				t.Fatal("the snapshot of the composed volume does not hold exactly the writes before it")
+			}
+			// A base on another file system is not composed silently.
+			other := filepath.Join(t.TempDir(), "other-base.raw")
+			writeFile(t, other, []byte("elsewhere"))
+			if err := st.Create("far", cow.CreateOptions{Base: other, Size: 16 << 20}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := srv.Attach("far", blockdev.AttachOptions{Presentation: blockdev.PresentComposed}); !errors.Is(err, cow.ErrNotSupported) {
+				t.Fatalf("composing over a base on another file system: %v, want ErrNotSupported", err)
+			}
+			a, err := srv.Attach("far", blockdev.AttachOptions{})
+			if err != nil || a.Composed {
+				t.Fatalf("auto over a base on another file system: composed=%v, %v; want the merged view", a.Composed, err)
+			}
+			if err := srv.Detach("far"); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+func writeFile(t testing.TB, path string, data []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func writeDevice(t testing.TB, dev string, p []byte, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(dev, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(p, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
