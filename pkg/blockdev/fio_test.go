@@ -19,7 +19,7 @@ func makeChain(t testing.TB, depth int) *cow.Store {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := st.Create("vol", cow.CreateOptions{Base: makeBase(t, 96<<20), Size: 256 << 20}); err != nil {
+	if err := st.Create("vol", cow.CreateOptions{Base: makeBase(t, t.TempDir(), 96<<20), Size: 256 << 20}); err != nil {
 		t.Fatal(err)
 	}
 	block := bytes.Repeat([]byte{0xa5}, cow.BlockSize)

@@ -132,7 +132,7 @@ func TestServerKilled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := st.Create("vol", cow.CreateOptions{Base: makeBase(t, 8<<20), Size: 64 << 20}); err != nil {
+	if err := st.Create("vol", cow.CreateOptions{Base: makeBase(t, t.TempDir(), 8<<20), Size: 64 << 20}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { assertReleased(t, runDir) })

@@ -105,9 +105,9 @@ func checkTree(t testing.TB, dir string, sums map[string]string) {
 }
 
 // makeBase writes a base image of size bytes with data in every other MiB.
-func makeBase(t testing.TB, size int64) string {
+func makeBase(t testing.TB, dir string, size int64) string {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "base.raw")
+	path := filepath.Join(dir, "base.raw")
 	f, err := os.Create(path)
 	if err != nil {
 		t.Fatal(err)
@@ -143,7 +143,7 @@ func liveSnapshotCheck(t *testing.T, store, fsType string) {
 	if composed {
 		dir = testfs.Mount(t, strings.TrimSuffix(store, "-composed"), 2<<30)
 	}
-	base := makeBase(t, 64<<20)
+	base := makeBase(t, dir, 64<<20) // on the store's file system, as an imported image is
 	baseSum := fileSHA(t, base)
 	st, err := cow.OpenStore(filepath.Join(dir, "store"))
 	if err != nil {
