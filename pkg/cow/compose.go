@@ -268,3 +268,50 @@ func (s *Store) Reflinks() bool {
 	}
 	return unix.IoctlFileClone(int(b.Fd()), int(a.Fd())) == nil
 }
+
+// sharedRanges returns the ranges where a and b (both sorted) hold the same physical blocks.
+func sharedRanges(a, b []physExtent) []Extent {
+	var out []Extent
+	j := 0
+	for _, ea := range a {
+		for j < len(b) && b[j].End() <= ea.Off {
+			j++
+		}
+		for k := j; k < len(b) && b[k].Off < ea.End(); k++ {
+			eb := b[k]
+			s, e := max(ea.Off, eb.Off), min(ea.End(), eb.End())
+			if ea.phys >= 0 && ea.phys+(s-ea.Off) == eb.phys+(s-eb.Off) {
+				out = appendExtent(out, s, e)
+			}
+		}
+	}
+	return out
+}
+
+// changedBetweenFiles compares two opaque layers by their physical extents: what is not
+// the same shared block in both has changed. Cloned layers share every block that neither
+// rewrote since, so this is exact where a layer-by-layer answer cannot be.
+func (s *Store) changedBetweenFiles(a, b string, am, bm *LayerMeta) ([]Extent, error) {
+	var maps [2][]physExtent
+	for i, l := range []struct {
+		id   string
+		meta *LayerMeta
+	}{{a, am}, {b, bm}} {
+		f, err := os.Open(s.filePath(l.id, l.meta))
+		if err != nil {
+			return nil, err
+		}
+		maps[i], err = physicalExtents(f, l.meta.Size)
+		f.Close()
+		if err != nil {
+			return nil, err
+		}
+	}
+	var all []Extent
+	for _, m := range maps {
+		for _, e := range m {
+			all = append(all, e.Extent)
+		}
+	}
+	return subtract(normalize(all), normalize(sharedRanges(maps[0], maps[1]))), nil
+}

@@ -24,6 +24,9 @@ const (
 
 	fiemapExtentLast      = 0x00000001
 	fiemapExtentUnwritten = 0x00000800
+	// Extents whose physical offset says nothing: location unknown, delayed allocation,
+	// data inline in metadata.
+	fiemapExtentNoPhysical = 0x00000002 | 0x00000004 | 0x00000200
 
 	// fiemapBatch is the number of extents fetched per ioctl: 1024 * 56 bytes.
 	fiemapBatch = 1024
@@ -128,13 +131,29 @@ func appendCoalesced(list []Extent, off, end int64) []Extent {
 
 // fiemapExtents maps [0, size) of f with FS_IOC_FIEMAP in one walk and returns,
 // each sorted, coalesced and clipped, the written extents (every extent not
-// flagged FIEMAP_EXTENT_UNWRITTEN) and the unwritten ones. The file is synced
-// (FIEMAP_FLAG_SYNC) by the first ioctl, so dirty page cache is mapped as it will
-// be on disk; later ioctls of the same walk do not sync again. It returns an
-// error satisfying isUnsupported when the file system has no FIEMAP.
+// flagged FIEMAP_EXTENT_UNWRITTEN) and the unwritten ones. It returns an error
+// satisfying isUnsupported when the file system has no FIEMAP.
 func fiemapExtents(f *os.File, size int64) (data, unwritten []Extent, err error) {
+	err = fiemapWalk(f, size, func(off, end, _ int64, flags uint32) {
+		if flags&fiemapExtentUnwritten != 0 {
+			unwritten = appendCoalesced(unwritten, off, end)
+		} else {
+			data = appendCoalesced(data, off, end)
+		}
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return data, unwritten, nil
+}
+
+// fiemapWalk calls fn for every extent of [0, size) of f, in order, clipped to size, with
+// its physical offset and FIEMAP flags. The file is synced (FIEMAP_FLAG_SYNC) by the first
+// ioctl, so dirty page cache is mapped as it will be on disk; later ioctls of the same walk
+// do not sync again.
+func fiemapWalk(f *os.File, size int64, fn func(off, end, phys int64, flags uint32)) error {
 	if size <= 0 {
-		return nil, nil, nil
+		return nil
 	}
 	fm := new(fiemap)
 	next := int64(0)
@@ -146,7 +165,7 @@ func fiemapExtents(f *os.File, size int64) (data, unwritten []Extent, err error)
 		fm.mappedExtents = 0
 		fm.extentCount = fiemapBatch
 		if err := ioctlPtr(f, fsIocFiemap, unsafe.Pointer(fm)); err != nil {
-			return nil, nil, err
+			return err
 		}
 		flags = 0
 		n := int(fm.mappedExtents)
@@ -154,7 +173,7 @@ func fiemapExtents(f *os.File, size int64) (data, unwritten []Extent, err error)
 			break
 		}
 		if n > fiemapBatch {
-			return nil, nil, fmt.Errorf("kernel mapped %d extents into a buffer of %d", n, fiemapBatch)
+			return fmt.Errorf("kernel mapped %d extents into a buffer of %d", n, fiemapBatch)
 		}
 		prev := next
 		last := false
@@ -172,17 +191,36 @@ func fiemapExtents(f *os.File, size int64) (data, unwritten []Extent, err error)
 			if end <= off {
 				continue
 			}
-			if fe.flags&fiemapExtentUnwritten != 0 {
-				unwritten = appendCoalesced(unwritten, off, end)
-			} else {
-				data = appendCoalesced(data, off, end)
-			}
+			fn(off, end, int64(fe.physical), fe.flags)
 		}
 		if last || next <= prev {
 			break
 		}
 	}
-	return data, unwritten, nil
+	return nil
+}
+
+// physExtent is a written extent of a file and where its data lies on the device.
+type physExtent struct {
+	Extent
+	phys int64
+}
+
+// physicalExtents returns the written extents of f with their physical offsets, for files
+// on file systems that share blocks: two extents with the same physical offset hold the
+// same data, whatever was done to either file since one was cloned from the other.
+func physicalExtents(f *os.File, size int64) ([]physExtent, error) {
+	var out []physExtent
+	err := fiemapWalk(f, size, func(off, end, phys int64, flags uint32) {
+		switch {
+		case flags&fiemapExtentUnwritten != 0:
+		case flags&fiemapExtentNoPhysical != 0:
+			out = append(out, physExtent{Extent{Off: off, Len: end - off}, -1}) // equal to nothing
+		default:
+			out = append(out, physExtent{Extent{Off: off, Len: end - off}, phys})
+		}
+	})
+	return out, err
 }
 
 // seekDataExtents maps the data of f within [0, size) with SEEK_DATA/SEEK_HOLE.

@@ -163,6 +163,16 @@ func (s *Store) Changed(a, b string) ([]Extent, error) {
 	if err != nil {
 		return nil, err
 	}
+	ta, tb := ca[len(ca)-1], cb[len(cb)-1]
+	if la, lb := m.Layers[ta], m.Layers[tb]; la.Opaque && lb.Opaque && la.Size == lb.Size {
+		// Each side is one file: compare where their blocks lie (composed volumes and their
+		// snapshots share every block neither rewrote).
+		if out, err := s.changedBetweenFiles(ta, tb, la, lb); err == nil {
+			return out, nil
+		} else if !isUnsupported(err) {
+			return nil, err
+		}
+	}
 	common := 0
 	for common < len(ca) && common < len(cb) && ca[common] == cb[common] {
 		common++
