@@ -49,6 +49,12 @@ func driverMain(args []string) int {
 		klog.ErrorS(err, "Cannot open the store")
 		return 1
 	}
+	// State comes from disk: finish what a crash interrupted (stray files of a transaction
+	// cut short, merges held back) before serving.
+	if err := st.Collect(); err != nil {
+		klog.ErrorS(err, "Cannot tidy the store")
+		return 1
+	}
 	imgs, err := images.Open(filepath.Join(*root, "images"))
 	if err != nil {
 		klog.ErrorS(err, "Cannot open the image store")

@@ -463,9 +463,9 @@ func TestConcurrentIO(t *testing.T) {
 		for _, s := range snaps {
 			got := readAll(t, st, s.name)
 			checkUnowned(t, s.name, got, base, ownerOf)
-			if s.lo[wi] < uint32(applied) {
-				t.Fatalf("%s: snapshots out of order", s.name)
-			}
+			// A write can be in an earlier snapshot before its writer counted it done, so a
+			// later snapshot's lower bound may lie below the state the earlier one matched:
+			// the search goes on from there, never back (snapshots are ordered).
 			for applied < int(s.lo[wi]) {
 				w.apply(model, w.log[applied])
 				applied++

@@ -49,7 +49,16 @@ func OpenStore(dir string) (*Store, error) {
 	if st.Bsize > BlockSize {
 		return nil, fmt.Errorf("store %s: %w: file system block size %d is larger than the engine's %d", abs, ErrNotSupported, st.Bsize, BlockSize)
 	}
-	return &Store{dir: abs, open: map[string]*Chain{}, held: map[string]*os.File{}}, nil
+	s := &Store{dir: abs, open: map[string]*Chain{}, held: map[string]*os.File{}}
+	// A new store gets its empty manifest at once: from then on a missing manifest is a lost
+	// one (readManifest refuses the store), never a first transaction a crash cut short
+	// between its layer file and its manifest.
+	if _, err := os.Stat(s.manifestPath()); errors.Is(err, fs.ErrNotExist) {
+		if err := s.tx(func(*manifest) error { return nil }); err != nil && !errors.Is(err, ErrCorrupt) {
+			return nil, fmt.Errorf("store %s: %w", abs, err)
+		}
+	}
+	return s, nil
 }
 
 // Dir returns the store's absolute path.
@@ -124,6 +133,13 @@ func (s *Store) tx(fn func(m *manifest) error) error {
 // transaction just committed, or leftovers of one that crashed before its commit.
 // It runs under the exclusive store lock, so no transaction is half way.
 func (s *Store) removeUnlisted(m *manifest) error {
+	// Manifest temp files are written only under the exclusive store lock, which the caller
+	// holds: any there now is left by a transaction that crashed.
+	if tmps, _ := filepath.Glob(filepath.Join(s.dir, ".manifest.json.tmp-*")); len(tmps) > 0 {
+		for _, t := range tmps {
+			os.Remove(t)
+		}
+	}
 	entries, err := os.ReadDir(filepath.Join(s.dir, "layers"))
 	if err != nil {
 		return fmt.Errorf("list layers: %w", err)
