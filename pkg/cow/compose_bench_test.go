@@ -46,10 +46,12 @@ func BenchmarkCompose(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+			seq := 0 // the framework runs a sub-benchmark more than once: names stay unique
 			b.Run("compose", func(b *testing.B) {
 				b.StopTimer()
 				for i := 0; i < b.N; i++ {
-					name := fmt.Sprintf("c%d", i)
+					seq++
+					name := fmt.Sprintf("c%d", seq)
 					if err := st.Clone("vol", name, nil); err != nil {
 						b.Fatal(err)
 					}
@@ -61,20 +63,22 @@ func BenchmarkCompose(b *testing.B) {
 				}
 			})
 			b.Run("snapshot-composed", func(b *testing.B) {
-				if err := st.Clone("vol", "held", nil); err != nil {
+				seq++
+				held := fmt.Sprintf("held%d", seq)
+				if err := st.Clone("vol", held, nil); err != nil {
 					b.Fatal(err)
 				}
-				release, err := st.Hold("held")
+				release, err := st.Hold(held)
 				if err != nil {
 					b.Fatal(err)
 				}
 				defer release()
-				if err := st.Compose("held"); err != nil {
+				if err := st.Compose(held); err != nil {
 					b.Fatal(err)
 				}
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
-					if err := st.Snapshot("held", fmt.Sprintf("hs%d", i), nil); err != nil {
+					if err := st.Snapshot(held, fmt.Sprintf("%s-s%d", held, i), nil); err != nil {
 						b.Fatal(err)
 					}
 				}
