@@ -789,9 +789,15 @@ func imageDelete(t *imageTool, fs *flag.FlagSet, args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := st.DeleteVolume(name); err != nil {
+	bar := newProgress(t.progress, "delete "+name)
+	st.SetMergeProgress(bar.Update)
+	err = st.DeleteVolume(name)
+	st.SetMergeProgress(nil)
+	if err != nil {
+		bar.Abort()
 		return t.attachedHint(st, name, err)
 	}
+	bar.Finish()
 	after, err := describeAll(st)
 	if err != nil {
 		return err
@@ -828,9 +834,15 @@ func (t *imageTool) deleteSnapshot(st *cow.Store, name string) error {
 	}
 	layer := before[i].Layers[len(before[i].Layers)-1]
 	users := layerUsers(before, layer.ID, name)
-	if err := st.DeleteSnapshot(name); err != nil {
+	bar := newProgress(t.progress, "merge "+name)
+	st.SetMergeProgress(bar.Update)
+	err = st.DeleteSnapshot(name)
+	st.SetMergeProgress(nil)
+	if err != nil {
+		bar.Abort()
 		return err
 	}
+	bar.Finish()
 	after, err := describeAll(st)
 	if err != nil {
 		return err

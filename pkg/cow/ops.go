@@ -784,8 +784,20 @@ func (s *Store) copyRanges(src, dst string, ranges []Extent) error {
 		return fmt.Errorf("merge into %s: %w", dst, err)
 	}
 	defer out.Close()
+	s.mu.Lock()
+	report := s.progress
+	s.mu.Unlock()
+	var total, done int64
 	for _, r := range ranges {
-		if err := copyRange(out, in, r.Off, r.Len, nil); err != nil {
+		total += r.Len
+	}
+	for _, r := range ranges {
+		err := copyRange(out, in, r.Off, r.Len, func(n int64) {
+			if done += n; report != nil {
+				report(done, total)
+			}
+		})
+		if err != nil {
 			return err
 		}
 	}

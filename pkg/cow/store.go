@@ -26,9 +26,18 @@ import (
 type Store struct {
 	dir string
 
-	mu   sync.Mutex
-	open map[string]*Chain   // volumes open read-write in this process
-	held map[string]*os.File // volumes this process holds without a chain (see Hold)
+	mu       sync.Mutex
+	open     map[string]*Chain   // volumes open read-write in this process
+	held     map[string]*os.File // volumes this process holds without a chain (see Hold)
+	progress func(done, total int64)
+}
+
+// SetMergeProgress makes merges report the bytes copied so far of what they copy (for a
+// progress bar); nil stops it.
+func (s *Store) SetMergeProgress(fn func(done, total int64)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.progress = fn
 }
 
 // OpenStore opens the store in dir, creating it if needed.
