@@ -52,8 +52,8 @@ func driverMain(args []string) int {
 	// State comes from disk: finish what a crash interrupted (stray files of a transaction
 	// cut short, merges held back) before serving.
 	if err := st.Collect(); err != nil {
+		// Serve anyway: Probe, health and the RPCs say what is wrong, a crash loop would not.
 		klog.ErrorS(err, "Cannot tidy the store")
-		return 1
 	}
 	imgs, err := images.Open(filepath.Join(*root, "images"))
 	if err != nil {

@@ -41,6 +41,9 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 	if err := required("group snapshot name", req.Name); err != nil {
 		return nil, err
 	}
+	if err := checkNameLen(req.Name); err != nil {
+		return nil, err
+	}
 	if len(req.SourceVolumeIds) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "source volume IDs are required")
 	}

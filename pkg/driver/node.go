@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -418,6 +420,10 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if req.VolumeCapability.GetBlock() == nil {
 		if ok, err := isBlockDevice(req.VolumePath); err == nil && !ok {
 			if _, err := mount.NewResizeFs(d.exec).Resize(a.Device, req.VolumePath); err != nil {
+				if !hasCapability(capSysResource) {
+					// Growing a mounted ext4 (EXT4_IOC_RESIZE_FS) needs it; xfs_growfs does not.
+					return nil, status.Errorf(codes.FailedPrecondition, "grow the file system of %s: %v (the node plugin lacks CAP_SYS_RESOURCE, which growing a mounted ext4 needs: run it privileged)", req.VolumeId, err)
+				}
 				return nil, status.Errorf(codes.Internal, "grow the file system of %s: %v", req.VolumeId, err)
 			}
 		}
@@ -453,4 +459,22 @@ func (d *Driver) NodeGetStorageHealth(ctx context.Context, req *csi.NodeGetStora
 			Status: csi.StorageHealthErrorType_STORAGE_UNREACHABLE, Reason: "ServerUnreachable", Message: err.Error()})
 	}
 	return resp, nil
+}
+
+// capSysResource is CAP_SYS_RESOURCE's number.
+const capSysResource = 24
+
+// hasCapability reports whether the process has capability c in its effective set.
+func hasCapability(c uint) bool {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && n&(1<<c) != 0
+		}
+	}
+	return false
 }
