@@ -459,3 +459,33 @@ func (s *Store) RemoveBase(path string) error {
 		return nil
 	})
 }
+
+// SetLabels changes labels of a volume or snapshot: each key of set gets its value, or is
+// removed when the value is empty.
+func (s *Store) SetLabels(name string, set map[string]string) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	return s.tx(func(m *manifest) error {
+		var labels *map[string]string
+		switch {
+		case m.Volumes[name] != nil:
+			labels = &m.Volumes[name].Labels
+		case m.Snapshots[name] != nil:
+			labels = &m.Snapshots[name].Labels
+		default:
+			return fmt.Errorf("%s: %w", name, ErrNotFound)
+		}
+		if *labels == nil {
+			*labels = map[string]string{}
+		}
+		for k, v := range set {
+			if v == "" {
+				delete(*labels, k)
+			} else {
+				(*labels)[k] = v
+			}
+		}
+		return nil
+	})
+}

@@ -42,6 +42,7 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_EXPAND_VOLUME,
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.ControllerServiceCapability_RPC_MODIFY_VOLUME,
 	} {
 		caps = append(caps, &csi.ControllerServiceCapability{
 			Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: c}},
@@ -148,6 +149,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	params, err := parseParams(req.Parameters)
 	if err != nil {
 		return nil, err
+	}
+	if p, err := parseMutable(req.MutableParameters); err != nil {
+		return nil, err
+	} else if p != "" {
+		params.Presentation = p
 	}
 	minSize := int64(minVolumeSize)
 	for _, c := range req.VolumeCapabilities {
@@ -643,4 +649,26 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsReques
 		resp.Entries = append(resp.Entries, &csi.ListSnapshotsResponse_Entry{Snapshot: d.snapshotOf(byName[name])})
 	}
 	return resp, nil
+}
+
+// ControllerModifyVolume changes a volume's mutable parameters: its presentation, used from
+// its next NodeStageVolume on (an attached volume keeps its device until it is restaged).
+func (d *Driver) ControllerModifyVolume(ctx context.Context, req *csi.ControllerModifyVolumeRequest) (*csi.ControllerModifyVolumeResponse, error) {
+	if err := checkVolumeID(req.VolumeId); err != nil {
+		return nil, err
+	}
+	presentation, err := parseMutable(req.MutableParameters)
+	if err != nil {
+		return nil, err
+	}
+	defer d.locks.lock(req.VolumeId)()
+	if _, err := d.existingVolume(req.VolumeId); err != nil {
+		return nil, err
+	}
+	if presentation != "" {
+		if err := d.store.SetLabels(req.VolumeId, map[string]string{labelPresent: presentation}); err != nil {
+			return nil, status.Errorf(codeOf(err), "modify %s: %v", req.VolumeId, err)
+		}
+	}
+	return &csi.ControllerModifyVolumeResponse{}, nil
 }

@@ -131,6 +131,23 @@ func parseParams(p map[string]string) (volumeParams, error) {
 	return vp, nil
 }
 
+// parseMutable reads the parameters a VolumeAttributesClass may set and change later:
+// only the presentation, which takes effect at the volume's next NodeStageVolume.
+func parseMutable(p map[string]string) (presentation string, err error) {
+	for k, v := range p {
+		if k != paramPresentation {
+			return "", status.Errorf(codes.InvalidArgument, "parameter %q cannot be set or changed by a volume attributes class (only %s)", truncate(k), paramPresentation)
+		}
+		switch v {
+		case blockdev.PresentAuto, blockdev.PresentMerged, blockdev.PresentComposed:
+			presentation = v
+		default:
+			return "", status.Errorf(codes.InvalidArgument, "parameter %s: %q is not auto, merged or composed", paramPresentation, truncate(v))
+		}
+	}
+	return presentation, nil
+}
+
 // canonical renders the parameters that shape a volume, to compare a retried request with
 // the volume it made.
 func (vp volumeParams) canonical() string {

@@ -191,5 +191,6 @@ func TestSanityChild(t *testing.T) {
 	cfg.IdempotentCount = 3
 	cfg.TestNodeVolumeAttachLimit = true
 	cfg.IDGen = idGen{}
+	cfg.TestVolumeMutableParameters = map[string]string{paramPresentation: "merged"}
 	sanity.Test(t, cfg)
 }
