@@ -14,12 +14,13 @@ var version = "dev"
 // commands maps each subcommand to its entry point, which gets the remaining arguments
 // and returns the process exit code.
 var commands = map[string]func(args []string) int{
-	"driver":  driverMain,
-	"image":   imageMain,
-	"serve":   serveMain,
-	"attach":  attachMain,
-	"detach":  detachMain,
-	"version": func([]string) int { fmt.Println(version); return 0 },
+	"driver":    driverMain,
+	"image":     imageMain,
+	"serve":     serveMain,
+	"registrar": registrarMain,
+	"attach":    attachMain,
+	"detach":    detachMain,
+	"version":   func([]string) int { fmt.Println(version); return 0 },
 }
 
 func usage() {
