@@ -420,32 +420,11 @@ func (c *Chain) flushLocked() error {
 	}
 	top := c.layers[c.top]
 	if c.zeroDirty {
-		var list, punch []Extent
-		c.zeroCand.each(0, c.size, func(s, e int64, _ bool, ok bool) bool {
-			if ok {
-				c.idx.each(s, e, func(s, e int64, st state, ok bool) bool {
-					if ok && st.cur == zeroOwner(c.top) {
-						list = appendExtent(list, s, e)
-					}
-					return true
-				})
-			}
-			return true
-		})
+		list := c.topZeroWithin(c.zeroCand)
 		if err := writeZeroList(c.store.zeroPath(top.id), list); err != nil {
 			return fmt.Errorf("flush %s: %w", c.name, err)
 		}
-		c.unpunched.each(0, c.size, func(s, e int64, _ bool, ok bool) bool {
-			if ok {
-				c.idx.each(s, e, func(s, e int64, st state, ok bool) bool {
-					if ok && st.cur == zeroOwner(c.top) {
-						punch = appendExtent(punch, s, e)
-					}
-					return true
-				})
-			}
-			return true
-		})
+		punch := c.topZeroWithin(c.unpunched)
 		for _, e := range punch {
 			if err := punchHole(top.f, e.Off, e.Len); err != nil {
 				return fmt.Errorf("flush %s: %w", c.name, err)
@@ -462,6 +441,24 @@ func (c *Chain) flushLocked() error {
 		c.idxMu.Unlock()
 	}
 	return fdatasync(top.f)
+}
+
+// topZeroWithin returns the parts of the ranges in set that the index says the top's zero
+// list covers. c.idxMu or c.io exclusively is held.
+func (c *Chain) topZeroWithin(set *rangeMap[bool]) []Extent {
+	var out []Extent
+	set.each(0, c.size, func(s, e int64, _ bool, ok bool) bool {
+		if ok {
+			c.idx.each(s, e, func(s, e int64, st state, ok bool) bool {
+				if ok && st.cur == zeroOwner(c.top) {
+					out = appendExtent(out, s, e)
+				}
+				return true
+			})
+		}
+		return true
+	})
+	return out
 }
 
 func fdatasync(f *os.File) error {
