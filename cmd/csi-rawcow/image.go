@@ -272,6 +272,22 @@ func parsePositional(fs *flag.FlagSet, args []string, min, max int) ([]string, e
 
 // validateNames checks names before anything touches the store, so that a bad name
 // changes nothing, not even by creating the store's directory.
+// storeAndName parses a command's one NAME argument, checks it and opens the store.
+func (t *imageTool) storeAndName(fs *flag.FlagSet, args []string) (*cow.Store, string, error) {
+	pos, err := parsePositional(fs, args, 1, 1)
+	if err != nil {
+		return nil, "", err
+	}
+	if err := validateNames(pos[0]); err != nil {
+		return nil, "", err
+	}
+	st, err := t.openStore(false)
+	if err != nil {
+		return nil, "", err
+	}
+	return st, pos[0], nil
+}
+
 func validateNames(names ...string) error {
 	for _, n := range names {
 		if err := cow.ValidateName(n); err != nil {
@@ -461,18 +477,11 @@ func imageCreate(t *imageTool, fs *flag.FlagSet, args []string) error {
 
 func imageInfo(t *imageTool, fs *flag.FlagSet, args []string) error {
 	asJSON := fs.Bool("json", false, "print the description as JSON")
-	pos, err := parsePositional(fs, args, 1, 1)
+	st, name, err := t.storeAndName(fs, args)
 	if err != nil {
 		return err
 	}
-	if err := validateNames(pos[0]); err != nil {
-		return err
-	}
-	st, err := t.openStore(false)
-	if err != nil {
-		return err
-	}
-	info, err := st.Info(pos[0])
+	info, err := st.Info(name)
 	if err != nil {
 		return err
 	}
@@ -586,18 +595,11 @@ func imageList(t *imageTool, fs *flag.FlagSet, args []string) error {
 
 func imageMap(t *imageTool, fs *flag.FlagSet, args []string) error {
 	asJSON := fs.Bool("json", false, "print the extents as a JSON array")
-	pos, err := parsePositional(fs, args, 1, 1)
+	st, name, err := t.storeAndName(fs, args)
 	if err != nil {
 		return err
 	}
-	if err := validateNames(pos[0]); err != nil {
-		return err
-	}
-	st, err := t.openStore(false)
-	if err != nil {
-		return err
-	}
-	c, err := st.OpenName(pos[0])
+	c, err := st.OpenName(name)
 	if err != nil {
 		return busyHint(err)
 	}
@@ -748,21 +750,14 @@ func imageResize(t *imageTool, fs *flag.FlagSet, args []string) error {
 }
 
 func imageMerge(t *imageTool, fs *flag.FlagSet, args []string) error {
-	pos, err := parsePositional(fs, args, 1, 1)
+	st, name, err := t.storeAndName(fs, args)
 	if err != nil {
 		return err
 	}
-	if err := validateNames(pos[0]); err != nil {
+	if _, err := needKind(st, name, "snapshot", "; use delete to remove a volume"); err != nil {
 		return err
 	}
-	st, err := t.openStore(false)
-	if err != nil {
-		return err
-	}
-	if _, err := needKind(st, pos[0], "snapshot", "; use delete to remove a volume"); err != nil {
-		return err
-	}
-	return t.deleteSnapshot(st, pos[0])
+	return t.deleteSnapshot(st, name)
 }
 
 func imageDelete(t *imageTool, fs *flag.FlagSet, args []string) error {
