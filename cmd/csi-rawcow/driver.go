@@ -28,6 +28,7 @@ func driverMain(args []string) int {
 	name := fs.String("drivername", driver.DefaultName, "CSI driver name")
 	maxVolumes := fs.Int64("max-volumes", 0, "volumes per node, 0 for no limit")
 	klog.InitFlags(fs)
+	fs.Set("v", "2") // every CSI call is logged; -v overrides
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}

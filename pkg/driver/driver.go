@@ -120,9 +120,14 @@ func Listen(endpoint string) (net.Listener, error) {
 	return l, nil
 }
 
-// logRPC logs every call and its outcome, secrets stripped.
+// logRPC logs every call (at verbosity 2, which the driver command runs at; the frequent
+// probes and capability queries at 5) and every error, secrets stripped.
 func logRPC(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	klog.V(3).InfoS("GRPC call", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
+	level := klog.Level(2)
+	if strings.HasSuffix(info.FullMethod, "/Probe") || strings.HasSuffix(info.FullMethod, "Capabilities") {
+		level = 5
+	}
+	klog.V(level).InfoS("GRPC call", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
 	resp, err := handler(ctx, req)
 	if err != nil {
 		klog.ErrorS(err, "GRPC error", "method", info.FullMethod)
