@@ -43,6 +43,8 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
 		csi.ControllerServiceCapability_RPC_MODIFY_VOLUME,
+		csi.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
+		csi.ControllerServiceCapability_RPC_PUBLISH_READONLY,
 	} {
 		caps = append(caps, &csi.ControllerServiceCapability{
 			Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: c}},
@@ -376,7 +378,7 @@ func (d *Driver) volumeHealth(info *cow.Info) *csi.VolumeHealth {
 
 func (d *Driver) volumeEntry(info *cow.Info) *csi.ListVolumesResponse_Entry {
 	st := &csi.ListVolumesResponse_VolumeStatus{}
-	if _, ok, _ := d.attached(info.Name); ok {
+	if _, ok, _ := d.attached(info.Name); ok || info.Labels[labelPublishedTo] != "" {
 		st.PublishedNodeIds = []string{d.cfg.NodeID}
 	}
 	return &csi.ListVolumesResponse_Entry{
