@@ -1,6 +1,8 @@
 package cow
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -129,13 +131,19 @@ func (s *Store) tx(fn func(m *manifest) error) error {
 	if err != nil {
 		return err
 	}
+	before, err := json.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("encode manifest: %w", err)
+	}
 	if err := fn(m); err != nil {
 		return err
 	}
-	if err := m.write(s.manifestPath()); err != nil {
-		return err
+	if after, err := json.Marshal(m); err != nil || !bytes.Equal(before, after) {
+		if err := m.write(s.manifestPath()); err != nil {
+			return err
+		}
 	}
-	return s.removeUnlisted(m)
+	return s.removeUnlisted(m) // also what a crashed transaction left, when nothing changed
 }
 
 // removeUnlisted deletes layer files the manifest does not name: layers freed by the

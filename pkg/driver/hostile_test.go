@@ -772,17 +772,17 @@ func TestHostileInput(t *testing.T) {
 			return rpcErr(func() (*csi.ControllerPublishVolumeResponse, error) {
 				return ctl.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: volM, NodeId: "../" + nodeID, VolumeCapability: mountCapOf("")})
 			})
-		}, codes.Unimplemented),
+		}, codes.NotFound),
 		hc("ControllerUnpublishVolume", func(ctx context.Context) error {
 			return rpcErr(func() (*csi.ControllerUnpublishVolumeResponse, error) {
 				return ctl.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: volM, NodeId: nodeID})
 			})
-		}, codes.Unimplemented),
+		}, codes.OK),
 		hc("ControllerModifyVolume", func(ctx context.Context) error {
 			return rpcErr(func() (*csi.ControllerModifyVolumeResponse, error) {
 				return ctl.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: volM, MutableParameters: map[string]string{"baseImage": "../x"}})
 			})
-		}, codes.Unimplemented),
+		}, codes.InvalidArgument),
 	)
 	// Capabilities the driver does not support are not confirmed (an answer, not an error).
 	for key, c := range map[string]*csi.VolumeCapability{
