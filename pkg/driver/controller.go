@@ -494,9 +494,8 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 			return &csi.GetCapacityResponse{}, nil
 		}
 	}
-	if _, err := parseParams(req.Parameters); err != nil {
-		return nil, err
-	}
+	// Parameters do not change the free space; and refusing a class here would hide its
+	// CreateVolume error from users (no capacity, so the scheduler never picks a node).
 	var fs unix.Statfs_t
 	if err := unix.Statfs(d.store.Dir(), &fs); err != nil {
 		return nil, status.Errorf(codes.Internal, "statfs %s: %v", d.store.Dir(), err)

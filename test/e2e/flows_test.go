@@ -11,7 +11,9 @@ import (
 	"time"
 )
 
-// ns makes a namespace for one test, deleted (with its claims and pods) at its end.
+// ns makes a namespace for one test, deleted (with its claims, snapshots and pods) at its
+// end, waiting until the volumes of its claims are deleted too. Cleanups run last first:
+// what must happen after the volumes are gone is registered before ns is called.
 func ns(t *testing.T, e *env) string {
 	t.Helper()
 	name := "e2e-" + strings.ToLower(regexp.MustCompile(`[^a-zA-Z0-9]+`).ReplaceAllString(t.Name(), "-"))
@@ -33,6 +35,10 @@ func ns(t *testing.T, e *env) string {
 		}
 		if _, err := e.cp.kubectl(ctx, nil, "delete", "namespace", name, "--wait=true", "--timeout=120s"); err != nil {
 			t.Errorf("delete namespace: %v", err)
+		}
+		// then the provisioner deletes the claims' volumes (reclaimPolicy Delete)
+		if err := waitPVsGone(e, name, 2*time.Minute); err != nil {
+			t.Error(err)
 		}
 	})
 	return name
