@@ -142,10 +142,6 @@ func (m *rangeMap[V]) set(start, end int64, val V) {
 	m.update(start, end, func(V, bool) (V, bool) { return val, true })
 }
 
-// remove turns [start, end) into a gap.
-func (m *rangeMap[V]) remove(start, end int64) {
-	m.update(start, end, func(v V, _ bool) (V, bool) { return v, false })
-}
 
 // insert adds s, which must not overlap any span, merging it with touching equal neighbours.
 func (m *rangeMap[V]) insert(s span[V]) {
@@ -161,9 +157,4 @@ func (m *rangeMap[V]) insert(s span[V]) {
 		s.end = next.end
 	}
 	m.tree.ReplaceOrInsert(s)
-}
-
-// clone returns an independent copy; the b-tree shares nodes copy-on-write, so it is cheap.
-func (m *rangeMap[V]) clone() *rangeMap[V] {
-	return &rangeMap[V]{tree: m.tree.Clone()}
 }

@@ -3,7 +3,6 @@ package driver
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"fmt"
 	"sort"
 	"strconv"
 	"strings"
@@ -173,7 +172,3 @@ func sourceLabel(kind, id string) string {
 }
 
 func formatInt(n int64) string { return strconv.FormatInt(n, 10) }
-
-func describe(vp volumeParams, source string) string {
-	return fmt.Sprintf("parameters %q, source %q", vp.canonical(), source)
-}
