@@ -142,7 +142,6 @@ func (m *rangeMap[V]) set(start, end int64, val V) {
 	m.update(start, end, func(V, bool) (V, bool) { return val, true })
 }
 
-
 // insert adds s, which must not overlap any span, merging it with touching equal neighbours.
 func (m *rangeMap[V]) insert(s span[V]) {
 	m.tree.DescendLessOrEqual(span[V]{start: s.start}, func(prev span[V]) bool {
