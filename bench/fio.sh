@@ -2,7 +2,8 @@
 # bench/fio.sh: the speed of csi-rawcow's block devices, side by side with a plain loop
 # device and a qcow2 overlay, in one run (docs/PERFORMANCE.md shows results).
 #
-#   bench/fio.sh [--quick] [--dir DIR] [--ram] [--rounds N] [--runtime S] [--profile] [--out FILE]
+#   bench/fio.sh [--quick] [--dir DIR] [--ram] [--rounds N] [--runtime S] [--presentation P]
+#                [--profile] [--profile-job CONFIG:NAME:RW:BS:IODEPTH] [--out FILE]
 #
 # Run as root. On DIR (default: a fresh directory on the file system of /work, the
 # repository's parent) it makes a 4 GiB base image whose first half holds data, and measures
@@ -13,6 +14,8 @@
 #   b128  csi-rawcow: a clone at depth 128 (127 such layers)
 #   c     a qcow2 overlay over the base, exported by qemu-storage-daemon's FUSE export, with a
 #         loop device (direct I/O, 4096-byte sectors) on it
+# Write jobs run on a second volume (or overlay) of each configuration, built the same way, so
+# that read jobs always see the chain as built, not what earlier write jobs left in the top.
 # in interleaved rounds (a b1 b16 b128 c, again, ...), and prints the medians: IOPS or MiB/s,
 # the ratio to (a), and the CPU the serving process used (csi-rawcow serve for b*,
 # qemu-storage-daemon for c; kernel threads are not counted).
@@ -27,13 +30,16 @@
 #                 is under 0.5 or sequential under 0.9 of a)
 #   --profile-job CONFIG:NAME:RW:BS:IODEPTH
 #                 profile this job too, e.g. b16:write-1m-qd8:write:1m:8 (repeatable)
+#   --presentation merged|composed|auto
+#                 how the b* volumes are attached (default merged: the FUSE view; composed
+#                 needs xfs or btrfs under DIR)
 #   --out FILE    also write the results (markdown) to FILE
 #
 # Everything it makes is removed at exit (loop devices, server, qemu-storage-daemon, mounts,
 # files). On a file system mounted with -o discard, removing fragmented layers takes a while.
 set -euo pipefail
 
-QUICK=0 DIR="" RAM=0 ROUNDS="" RUNTIME="" PROFILE=0 OUT=""
+QUICK=0 DIR="" RAM=0 ROUNDS="" RUNTIME="" PROFILE=0 OUT="" PRESENTATION=merged
 # CONFIG:name:rw:bs:iodepth of the jobs to profile
 PROFILE_JOBS=(b1:randread-4k-qd32:randread:4k:32 b1:read-1m-qd8:read:1m:8)
 while [[ $# -gt 0 ]]; do
@@ -43,6 +49,7 @@ while [[ $# -gt 0 ]]; do
 	--ram) RAM=1 ;;
 	--rounds) ROUNDS="$2"; shift ;;
 	--runtime) RUNTIME="$2"; shift ;;
+	--presentation) PRESENTATION="$2"; shift ;;
 	--profile) PROFILE=1 ;;
 	--profile-job) PROFILE=1; PROFILE_JOBS+=("$2"); shift ;;
 	--out) OUT="$(realpath -m "$2")"; shift ;;
@@ -79,7 +86,7 @@ cleanup() {
 		kill -TERM "$QSD_PID" 2>/dev/null
 		wait "$QSD_PID" 2>/dev/null
 	fi
-	[[ -n $QMNT ]] && mountpoint -q "$QMNT" && umount "$QMNT"
+	for m in "$QMNT-r" "$QMNT-w"; do [[ -n $QMNT ]] && mountpoint -q "$m" && umount "$m"; done
 	mountpoint -q "$WORK/run/fuse" 2>/dev/null && umount -l "$WORK/run/fuse"
 	local t0=$SECONDS
 	if [[ -n $RAMDEV ]]; then
@@ -118,7 +125,9 @@ sync -f "$DATA/plain.raw"
 log "base and its raw copy made"
 
 # The store: volume "layers" over the base gets 127 frozen layers of 1000 scattered 4 KiB
-# writes in the working set; d1 is a new volume over the base, d16 and d128 clones.
+# writes in the working set; d1 is a new volume over the base, d16 and d128 clones. Read jobs
+# run on dN, write jobs on wN (the same chains): so reads always go through the whole chain,
+# never through what earlier write jobs put in the top.
 S="$DATA/store"
 img() { "$BIN" image --store "$S" "$@" >/dev/null; }
 img create --base "$BASE" layers
@@ -126,23 +135,28 @@ for i in $(seq 1 127); do
 	"$WORK/scatter" --store "$S" --count 1000 --span $((1 << 30)) --seed "$i" layers
 	img snapshot layers "$(printf 'L%03d' "$i")"
 done
-img create --base "$BASE" d1
-img clone L015 d16
-img clone L127 d128
-log "store made: layers, d1, d16, d128"
+for v in d w; do
+	img create --base "$BASE" ${v}1
+	img clone L015 ${v}16
+	img clone L127 ${v}128
+done
+log "store made: layers, d1, d16, d128, w1, w16, w128"
 
-# The qcow2 peer.
-qemu-img create -q -f qcow2 -b "$BASE" -F raw "$DATA/overlay.qcow2"
+# The qcow2 peer: one overlay for reads, one for writes, both exported by one daemon.
 QMNT="$WORK/qcow2.export"
-touch "$QMNT"
-qemu-storage-daemon \
-	--blockdev driver=file,node-name=f,filename="$DATA/overlay.qcow2" \
-	--blockdev driver=qcow2,node-name=q,file=f \
-	--export type=fuse,id=e,node-name=q,mountpoint="$QMNT",writable=on \
-	>"$WORK/qsd.log" 2>&1 &
+QSD_ARGS=()
+for v in r w; do
+	qemu-img create -q -f qcow2 -b "$BASE" -F raw "$DATA/overlay-$v.qcow2"
+	touch "$QMNT-$v"
+	QSD_ARGS+=(--blockdev "driver=file,node-name=f$v,filename=$DATA/overlay-$v.qcow2"
+		--blockdev "driver=qcow2,node-name=q$v,file=f$v"
+		--export "type=fuse,id=e$v,node-name=q$v,mountpoint=$QMNT-$v,writable=on")
+done
+qemu-storage-daemon "${QSD_ARGS[@]}" >"$WORK/qsd.log" 2>&1 &
 QSD_PID=$!
-for _ in $(seq 100); do mountpoint -q "$QMNT" && break; sleep 0.1; done
-mountpoint -q "$QMNT" || { cat "$WORK/qsd.log" >&2; echo "fio.sh: qemu-storage-daemon did not export" >&2; exit 1; }
+for _ in $(seq 100); do mountpoint -q "$QMNT-w" && break; sleep 0.1; done
+mountpoint -q "$QMNT-r" && mountpoint -q "$QMNT-w" ||
+	{ cat "$WORK/qsd.log" >&2; echo "fio.sh: qemu-storage-daemon did not export" >&2; exit 1; }
 
 # The server and its devices.
 R="$WORK/run"
@@ -151,22 +165,30 @@ SERVER_PID=$!
 for _ in $(seq 100); do [[ -S $R/control.sock ]] && break; sleep 0.1; done
 [[ -S $R/control.sock ]] || { cat "$WORK/serve.log" >&2; echo "fio.sh: the server did not start" >&2; exit 1; }
 
-declare -A DEV PID
-attach_loop() { # CONFIG FILE: a loop device with direct I/O and 4096-byte sectors
-	DEV[$1]="$(losetup --find --show --direct-io=on --sector-size 4096 "$2")"
-	LOOPS+=("${DEV[$1]}")
+# DEV: the device of each configuration for read jobs; WDEV: for write jobs.
+declare -A DEV WDEV PID
+attach_loop() { # ARRAY CONFIG FILE: a loop device with direct I/O and 4096-byte sectors
+	local dev
+	dev="$(losetup --find --show --direct-io=on --sector-size 4096 "$3")"
+	LOOPS+=("$dev")
+	eval "$1[\$2]=\$dev"
 }
-attach_loop a "$DATA/plain.raw"
+attach_loop DEV a "$DATA/plain.raw"
+WDEV[a]=${DEV[a]} # overwrites in place: the raw file reads the same afterwards
 for d in 1 16 128; do
-	DEV[b$d]="$("$BIN" attach --run-dir "$R" "d$d")"
+	DEV[b$d]="$("$BIN" attach --run-dir "$R" --presentation "$PRESENTATION" "d$d")"
+	WDEV[b$d]="$("$BIN" attach --run-dir "$R" --presentation "$PRESENTATION" "w$d")"
 	PID[b$d]=$SERVER_PID
 done
-attach_loop c "$QMNT"
+attach_loop DEV c "$QMNT-r"
+attach_loop WDEV c "$QMNT-w"
 PID[c]=$QSD_PID
 CONFIGS=(a b1 b16 b128 c)
 for cfg in "${CONFIGS[@]}"; do
-	n="$(basename "${DEV[$cfg]}")"
-	log "$cfg: ${DEV[$cfg]} dio=$(cat /sys/block/"$n"/loop/dio) sector=$(cat /sys/block/"$n"/queue/logical_block_size)"
+	for dev in "${DEV[$cfg]}" "${WDEV[$cfg]}"; do
+		n="$(basename "$dev")"
+		log "$cfg: $dev dio=$(cat /sys/block/"$n"/loop/dio) sector=$(cat /sys/block/"$n"/queue/logical_block_size)"
+	done
 done
 
 # name:rw:bs:iodepth
@@ -180,11 +202,13 @@ cpu_ticks() { # PID -> utime+stime in clock ticks
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 run_job() { # round cfg job
-	local round=$1 cfg=$2 spec=$3 name rw bs qd t0 t1 json
+	local round=$1 cfg=$2 spec=$3 name rw bs qd t0 t1 json dev
 	IFS=: read -r name rw bs qd <<<"$spec"
 	json="$WORK/fio-$cfg-$name-$round.json"
+	dev=${DEV[$cfg]}
+	[[ $rw == *write ]] && dev=${WDEV[$cfg]}
 	[[ -n ${PID[$cfg]:-} ]] && t0=$(cpu_ticks "${PID[$cfg]}")
-	fio --name="$name" --filename="${DEV[$cfg]}" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+	fio --name="$name" --filename="$dev" --rw="$rw" --bs="$bs" --iodepth="$qd" \
 		--ioengine=libaio --direct=1 --size=1G --time_based --runtime="$RUNTIME" \
 		--ramp_time=1 --randrepeat=0 --norandommap --output-format=json --output="$json"
 	local cpu=""
@@ -217,9 +241,9 @@ done
 # The table: medians over rounds.
 REPORT="$WORK/report.md"
 python3 - "$RESULTS" "$ROUNDS" "$RUNTIME" "$(nproc)" "$(uname -r)" \
-	"$(findmnt -no FSTYPE,SOURCE -T "$DATA" | head -1)" "$RAM" >"$REPORT" <<'EOF'
+	"$(findmnt -no FSTYPE,SOURCE -T "$DATA" | head -1)" "$RAM" "$PRESENTATION" >"$REPORT" <<'EOF'
 import statistics, sys
-path, rounds, runtime, ncpu, kernel, fs, ram = sys.argv[1:]
+path, rounds, runtime, ncpu, kernel, fs, ram, pres = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 cfgs = ["a", "b1", "b16", "b128", "c"]
 jobs = []
@@ -234,7 +258,7 @@ def cpu(cfg, job):
     vals = [float(v[2]) for v in data[(cfg, job)] if v[2] != ""]
     return "" if not vals else "%.0f%%" % statistics.median(vals)
 seq = lambda job: "1m" in job
-print(f"{rounds} rounds x {runtime} s per job (+1 s ramp), medians; kernel {kernel}, {ncpu} CPUs; data on {fs}{' (RAM-backed loop)' if ram == '1' else ''}.")
+print(f"{rounds} rounds x {runtime} s per job (+1 s ramp), medians; kernel {kernel}, {ncpu} CPUs; data on {fs}{' (RAM-backed loop)' if ram == '1' else ''}; b* attached as {pres}.")
 print()
 print("| job | a: loop on raw | b1 | b16 | b128 | c: qcow2 (qsd FUSE) | b1/c |")
 print("|---|---|---|---|---|---|---|")
