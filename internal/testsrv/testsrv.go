@@ -69,3 +69,34 @@ func AssertReleased(t testing.TB, dir string) {
 		}
 	}
 }
+
+// WriteDevice writes p at off of a block device and flushes it.
+func WriteDevice(t testing.TB, dev string, p []byte, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(dev, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(p, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ReadDevice reads n bytes at off of a block device.
+func ReadDevice(t testing.TB, dev string, off, n int64) []byte {
+	t.Helper()
+	f, err := os.Open(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, n)
+	if _, err := f.ReadAt(buf, off); err != nil {
+		t.Fatal(err)
+	}
+	return buf
+}

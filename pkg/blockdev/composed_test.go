@@ -40,12 +40,12 @@ func TestMixedPresentations(t *testing.T) {
 				if a.Composed != (p == blockdev.PresentComposed) {
 					t.Fatalf("asked for %s, got composed=%v", p, a.Composed)
 				}
-				if got := readDevice(t, a.Device, 0, 64<<20); !bytes.Equal(got, want) {
+				if got := testsrv.ReadDevice(t, a.Device, 0, 64<<20); !bytes.Equal(got, want) {
 					t.Fatalf("attachment %d (%s) does not read what earlier ones wrote", i, p)
 				}
 				chunk := bytes.Repeat([]byte{byte('a' + i)}, 1<<20)
 				off := int64(i) * 3 << 20
-				writeDevice(t, a.Device, chunk, off)
+				testsrv.WriteDevice(t, a.Device, chunk, off)
 				copy(want[off:], chunk)
 				if i == 1 { // a live FICLONE snapshot of the composed volume
 					if err := srv.Snapshot("vol", "snap", nil); err != nil {
@@ -92,21 +92,6 @@ func TestMixedPresentations(t *testing.T) {
 func writeFile(t testing.TB, path string, data []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func writeDevice(t testing.TB, dev string, p []byte, off int64) {
-	t.Helper()
-	f, err := os.OpenFile(dev, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := f.WriteAt(p, off); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
 }

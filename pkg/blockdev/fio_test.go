@@ -3,10 +3,10 @@ package blockdev_test
 import (
 	"bytes"
 	"fmt"
-	"os"
 	"strconv"
 	"testing"
 
+	"github.com/rawcow/csi-rawcow/internal/testsrv"
 	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
@@ -71,7 +71,7 @@ func TestFioVerify(t *testing.T) {
 			// Discard the second region in unaligned-to-the-layers pieces, over base data too.
 			for _, r := range [][2]int64{{region, 8 << 20}, {region + 9<<20, 4096}, {region + 12<<20, region - 12<<20}} {
 				run(t, "blkdiscard", "-o", strconv.FormatInt(r[0], 10), "-l", strconv.FormatInt(r[1], 10), a.Device)
-				got := readDevice(t, a.Device, r[0], r[1])
+				got := testsrv.ReadDevice(t, a.Device, r[0], r[1])
 				if i := bytes.IndexFunc(got, func(r rune) bool { return r != 0 }); i >= 0 {
 					t.Fatalf("discarded [%d,+%d) reads non-zero at %d", r[0], r[1], r[0]+int64(i))
 				}
@@ -95,18 +95,4 @@ func TestFioVerify(t *testing.T) {
 			}
 		})
 	}
-}
-
-func readDevice(t testing.TB, dev string, off, n int64) []byte {
-	t.Helper()
-	f, err := os.Open(dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, n)
-	if _, err := f.ReadAt(buf, off); err != nil {
-		t.Fatal(err)
-	}
-	return buf
 }

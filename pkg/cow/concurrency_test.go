@@ -133,15 +133,7 @@ func ccDuration() time.Duration {
 func TestConcurrentIO(t *testing.T) {
 	dir := t.TempDir()
 	base := ccBase()
-	basePath := filepath.Join(dir, "base.raw")
-	writeSparse(t, basePath, base)
-	st, err := cow.OpenStore(filepath.Join(dir, "store"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Create("vol", cow.CreateOptions{Base: basePath}); err != nil {
-		t.Fatal(err)
-	}
+	st := storeWithVolume(t, dir, base)
 	c, err := st.Open("vol", cow.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -560,6 +552,22 @@ func readAll(t testing.TB, st *cow.Store, name string) []byte {
 }
 
 // writeSparse writes content to a new file at path, leaving all-zero blocks as holes.
+// storeWithVolume writes base as a sparse file in dir and returns a store in dir/store
+// holding volume "vol" over it.
+func storeWithVolume(t testing.TB, dir string, base []byte) *cow.Store {
+	t.Helper()
+	basePath := filepath.Join(dir, "base.raw")
+	writeSparse(t, basePath, base)
+	st, err := cow.OpenStore(filepath.Join(dir, "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Create("vol", cow.CreateOptions{Base: basePath}); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
 func writeSparse(t testing.TB, path string, content []byte) {
 	t.Helper()
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
@@ -591,15 +599,7 @@ func writeSparse(t testing.TB, path string, content []byte) {
 func TestConcurrentClose(t *testing.T) {
 	dir := t.TempDir()
 	base := ccBase()
-	basePath := filepath.Join(dir, "base.raw")
-	writeSparse(t, basePath, base)
-	st, err := cow.OpenStore(filepath.Join(dir, "store"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Create("vol", cow.CreateOptions{Base: basePath}); err != nil {
-		t.Fatal(err)
-	}
+	st := storeWithVolume(t, dir, base)
 	c, err := st.Open("vol", cow.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)

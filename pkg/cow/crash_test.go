@@ -226,15 +226,7 @@ func crashKill(t *testing.T, dir string) {
 	t.Logf("seed %d (COW_CRASH_SEED reruns it)", seed)
 	r := rand.New(rand.NewPCG(seed, 1))
 	base := crashBase()
-	basePath := filepath.Join(dir, "base.raw")
-	writeSparse(t, basePath, base)
-	st, err := cow.OpenStore(filepath.Join(dir, "store"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Create("vol", cow.CreateOptions{Base: basePath}); err != nil {
-		t.Fatal(err)
-	}
+	st := storeWithVolume(t, dir, base)
 	// known is what each cell held when the parent last looked (and closed, so flushed).
 	known := make([]int64, crashCell)
 	for i := range known {
@@ -451,15 +443,7 @@ func TestCrashUnwrittenExtent(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			dir := testfs.Mount(t, kind, 0)
 			base := crashBase() // block 6 is a hole, the others hold data
-			basePath := filepath.Join(dir, "base.raw")
-			writeSparse(t, basePath, base)
-			st, err := cow.OpenStore(filepath.Join(dir, "store"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := st.Create("vol", cow.CreateOptions{Base: basePath}); err != nil {
-				t.Fatal(err)
-			}
+			st := storeWithVolume(t, dir, base)
 			// The top holds blocks 3 and 11 (11 partly: copied up).
 			c, err := st.Open("vol", cow.OpenOptions{})
 			if err != nil {

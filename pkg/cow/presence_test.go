@@ -268,15 +268,7 @@ func TestPresenceResize(t *testing.T) {
 			dir := testfs.Mount(t, kind, 64<<20)
 			// A base that ends in the middle of a block.
 			base := ccBase()[:10*bs+100]
-			basePath := filepath.Join(dir, "base.raw")
-			writeSparse(t, basePath, base)
-			st, err := cow.OpenStore(filepath.Join(dir, "store"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := st.Create("vol", cow.CreateOptions{Base: basePath}); err != nil {
-				t.Fatal(err)
-			}
+			st := storeWithVolume(t, dir, base)
 			want := make([]byte, 11*bs) // the size rounds up to the block size
 			copy(want, base)
 			c, err := st.Open("vol", cow.OpenOptions{})

@@ -3,7 +3,6 @@ package driver
 import (
 	"bytes"
 	"context"
-	"os"
 	"path/filepath"
 	"testing"
 
@@ -13,6 +12,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/rawcow/csi-rawcow/internal/testsrv"
 )
 
 // csiClients connects to a test driver.
@@ -74,35 +75,6 @@ func createStaged(t testing.TB, c csiClients, td *testDriver, name string, src *
 	return id, a.Device
 }
 
-func writeDev(t testing.TB, dev string, p []byte, off int64) {
-	t.Helper()
-	f, err := os.OpenFile(dev, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := f.WriteAt(p, off); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func readDev(t testing.TB, dev string, n int, off int64) []byte {
-	t.Helper()
-	f, err := os.Open(dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	p := make([]byte, n)
-	if _, err := f.ReadAt(p, off); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
 // TestSnapshotTopology: a snapshot reports its node, equal (proto.Equal) to the node's
 // topology, and refuses requirements that exclude its node.
 func TestSnapshotTopology(t *testing.T) {
@@ -138,15 +110,15 @@ func TestGroupSnapshot(t *testing.T) {
 	a, devA := createStaged(t, c, td, "disk-a", nil)
 	b, devB := createStaged(t, c, td, "disk-b", nil)
 	before := bytes.Repeat([]byte("before "), 4096)
-	writeDev(t, devA, before, 0)
-	writeDev(t, devB, before, 1<<20)
+	testsrv.WriteDevice(t, devA, before, 0)
+	testsrv.WriteDevice(t, devB, before, 1<<20)
 	g, err := c.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "vm-1", SourceVolumeIds: []string{b, a}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	after := bytes.Repeat([]byte("after! "), 4096)
-	writeDev(t, devA, after, 0)
-	writeDev(t, devB, after, 1<<20)
+	testsrv.WriteDevice(t, devA, after, 0)
+	testsrv.WriteDevice(t, devB, after, 1<<20)
 	if len(g.GroupSnapshot.Snapshots) != 2 {
 		t.Fatalf("group has %d snapshots", len(g.GroupSnapshot.Snapshots))
 	}
@@ -165,7 +137,7 @@ func TestGroupSnapshot(t *testing.T) {
 		ids = append(ids, s.SnapshotId)
 		_, dev := createStaged(t, c, td, "restore-"+s.SnapshotId, &csi.VolumeContentSource{
 			Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: s.SnapshotId}}})
-		if got := readDev(t, dev, len(before), offsets[s.SourceVolumeId]); !bytes.Equal(got, before) {
+		if got := testsrv.ReadDevice(t, dev, offsets[s.SourceVolumeId], int64(len(before))); !bytes.Equal(got, before) {
 			t.Errorf("restore of %s's member does not hold the data at the group snapshot", s.SourceVolumeId)
 		}
 	}
