@@ -135,8 +135,26 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := os.MkdirAll(req.StagingTargetPath, 0o750); err != nil {
 		return fail(status.Errorf(codes.Internal, "staging path: %v", err))
 	}
+	mounts, err := mountsOf(a.Device)
+	if err != nil {
+		return fail(status.Errorf(codes.Internal, "%v", err))
+	}
+	// (a device mounted elsewhere is in use: never check or resize it from under that user)
+	if !readOnly && len(mounts) == 0 {
+		if err := growUnmountedExt(d.exec, a.Device); err != nil {
+			return fail(status.Errorf(codes.Internal, "grow the file system of %s: %v", req.VolumeId, err))
+		}
+	}
 	if err := d.mounter.FormatAndMount(a.Device, req.StagingTargetPath, fsType, opts); err != nil {
 		return fail(status.Errorf(codes.Internal, "format and mount %s at %s: %v", a.Device, req.StagingTargetPath, err))
+	}
+	if !readOnly {
+		if err := growMounted(d.exec, a.Device, req.StagingTargetPath); err != nil {
+			if uerr := mount.CleanupMountPoint(req.StagingTargetPath, d.mounter, true); uerr != nil {
+				err = fmt.Errorf("%w (and unmounting again: %v)", err, uerr)
+			}
+			return fail(status.Errorf(codes.Internal, "grow the file system of %s: %v", req.VolumeId, err))
+		}
 	}
 	return &csi.NodeStageVolumeResponse{}, nil
 }
