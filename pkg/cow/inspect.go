@@ -287,6 +287,8 @@ func (p Problem) String() string { return p.Subject + ": " + p.Message }
 // every layer file exists with the size the manifest gives; bases are unchanged; zero lists
 // parse; every layer is used; no file lies in layers/ that the manifest does not name.
 // With repair, unused layers and stray files are removed (nothing in use is touched).
+// The trash (DIR/.trash) is not looked at: what lies there is freed already, and being
+// unlinked.
 func (s *Store) Check(repair bool) ([]Problem, error) {
 	if repair {
 		// A store too damaged to collect in still gets its problems listed below.

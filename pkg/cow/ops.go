@@ -485,8 +485,19 @@ func (c *Chain) Resize(size int64) error {
 	return nil
 }
 
-// DeleteVolume removes a volume and frees every layer nobody else uses.
+// DeleteVolume removes a volume and frees every layer nobody else uses. It returns once the
+// freed files are unlinked, which happens after the store lock is released (see trash.go).
 func (s *Store) DeleteVolume(name string) error {
+	// The volume locks are released before the wait: an unlink can take minutes, and merge
+	// targets must be openable meanwhile.
+	err := s.deleteVolume(name)
+	if err == nil {
+		s.waitFreed()
+	}
+	return err
+}
+
+func (s *Store) deleteVolume(name string) error {
 	if err := ValidateName(name); err != nil {
 		return err
 	}
@@ -518,8 +529,17 @@ func (s *Store) DeleteVolume(name string) error {
 
 // DeleteSnapshot removes a snapshot's name. Its layer is merged away (into its only child,
 // or its parent) or freed as soon as no chain needs it any more; while clones or restored
-// volumes still build on it, it stays.
+// volumes still build on it, it stays. Like DeleteVolume, it returns once the freed files are
+// unlinked.
 func (s *Store) DeleteSnapshot(name string) error {
+	err := s.deleteSnapshot(name)
+	if err == nil {
+		s.waitFreed()
+	}
+	return err
+}
+
+func (s *Store) deleteSnapshot(name string) error {
 	if err := ValidateName(name); err != nil {
 		return err
 	}
@@ -536,8 +556,17 @@ func (s *Store) DeleteSnapshot(name string) error {
 
 // Collect frees unreferenced layers and merges away unnamed ones that only lengthen a
 // chain. Each store operation does this itself; Collect is for after a crash or when an
-// open volume held a merge back.
+// open volume held a merge back. It also empties the trash, of whatever a crash left there
+// too, and returns once that is done.
 func (s *Store) Collect() error {
+	err := s.collectTx()
+	if terr := s.emptyTrashNow(); err == nil {
+		err = terr
+	}
+	return err
+}
+
+func (s *Store) collectTx() error {
 	var held []*os.File
 	defer func() { closeAll(held) }()
 	return s.tx(func(m *manifest) error { return s.collect(m, &held) })

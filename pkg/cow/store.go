@@ -22,6 +22,7 @@ import (
 //	DIR/layers/ID.zero       its zero list, when it has one
 //	DIR/locks/NAME.lock      held (flock) while a volume is open
 //	DIR/.lock                held while the manifest is read (shared) or changed (exclusive)
+//	DIR/.trash/              freed files, unlinked after the lock is released (see trash.go)
 //
 // Several processes may use one store: every change is a transaction under DIR/.lock, and
 // an open volume is locked against changes by anyone but its opener.
@@ -32,6 +33,8 @@ type Store struct {
 	open     map[string]*Chain   // volumes open read-write in this process
 	held     map[string]*os.File // volumes this process holds without a chain (see Hold)
 	progress func(done, total int64)
+
+	trash trasher
 }
 
 // SetMergeProgress makes merges report the bytes copied so far of what they copy (for a
@@ -61,6 +64,7 @@ func OpenStore(dir string) (*Store, error) {
 		return nil, fmt.Errorf("store %s: %w: file system block size %d is larger than the engine's %d", abs, ErrNotSupported, st.Bsize, BlockSize)
 	}
 	s := &Store{dir: abs, open: map[string]*Chain{}, held: map[string]*os.File{}}
+	s.trash.cond.L = &s.trash.mu
 	// A new store gets its empty manifest at once: from then on a missing manifest is a lost
 	// one (readManifest refuses the store), never a first transaction a crash cut short
 	// between its layer file and its manifest.
@@ -68,6 +72,10 @@ func OpenStore(dir string) (*Store, error) {
 		if err := s.tx(func(*manifest) error { return nil }); err != nil && !errors.Is(err, ErrCorrupt) {
 			return nil, fmt.Errorf("store %s: %w", abs, err)
 		}
+	}
+	// What a crash (or an exit before WaitTrash) left in the trash is unreferenced for good.
+	if s.trashPending() {
+		s.kickTrash()
 	}
 	return s, nil
 }
@@ -120,48 +128,54 @@ func (s *Store) read() (m *manifest, release func(), err error) {
 
 // tx runs fn on the manifest under the exclusive store lock and commits what it changed.
 // fn creates the files that the new manifest needs before returning; files the old one
-// needed and the new one does not are removed after the commit (see collect).
+// needed and the new one does not are moved to the trash after the commit (see collect),
+// and unlinked in the background once the lock is released.
 func (s *Store) tx(fn func(m *manifest) error) error {
+	moved, err := s.txLocked(fn)
+	if moved {
+		s.kickTrash()
+	}
+	return err
+}
+
+func (s *Store) txLocked(fn func(m *manifest) error) (moved bool, err error) {
 	lk, err := s.lockStore(unix.LOCK_EX)
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer lk.Close()
 	m, err := readManifest(s.manifestPath())
 	if err != nil {
-		return err
+		return false, err
 	}
 	before, err := json.Marshal(m)
 	if err != nil {
-		return fmt.Errorf("encode manifest: %w", err)
+		return false, fmt.Errorf("encode manifest: %w", err)
 	}
 	if err := fn(m); err != nil {
-		return err
+		return false, err
 	}
 	if after, err := json.Marshal(m); err != nil || !bytes.Equal(before, after) {
 		if err := m.write(s.manifestPath()); err != nil {
-			return err
+			return false, err
 		}
 	}
-	return s.removeUnlisted(m) // also what a crashed transaction left, when nothing changed
+	return s.trashUnlisted(m) // also what a crashed transaction left, when nothing changed
 }
 
-// removeUnlisted deletes layer files the manifest does not name: layers freed by the
-// transaction just committed, or leftovers of one that crashed before its commit.
-// It runs under the exclusive store lock, so no transaction is half way.
-func (s *Store) removeUnlisted(m *manifest) error {
+// trashUnlisted moves the files the manifest does not name into the trash: layers freed by
+// the transaction just committed, or leftovers of one that crashed before its commit. It
+// runs under the exclusive store lock, so no transaction is half way. It only renames: the
+// unlink, which can take minutes for a large fragmented file, happens without the lock.
+func (s *Store) trashUnlisted(m *manifest) (moved bool, err error) {
 	// Manifest temp files are written only under the exclusive store lock, which the caller
 	// holds: any there now is left by a transaction that crashed.
-	if tmps, _ := filepath.Glob(filepath.Join(s.dir, ".manifest.json.tmp-*")); len(tmps) > 0 {
-		for _, t := range tmps {
-			os.Remove(t)
-		}
-	}
+	tmps, _ := filepath.Glob(filepath.Join(s.dir, ".manifest.json.tmp-*"))
 	entries, err := os.ReadDir(filepath.Join(s.dir, "layers"))
 	if err != nil {
-		return fmt.Errorf("list layers: %w", err)
+		return false, fmt.Errorf("list layers: %w", err)
 	}
-	removed := false
+	var unused []string
 	for _, e := range entries {
 		id, _, _ := strings.Cut(e.Name(), ".")
 		if l := m.Layers[id]; l != nil && l.State != Base {
@@ -174,15 +188,32 @@ func (s *Store) removeUnlisted(m *manifest) error {
 				continue
 			}
 		}
-		if err := os.Remove(filepath.Join(s.dir, "layers", e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("remove unused layer file: %w", err)
+		unused = append(unused, filepath.Join(s.dir, "layers", e.Name()))
+	}
+	if len(tmps) == 0 && len(unused) == 0 {
+		return false, nil
+	}
+	// Made on demand: a store that never frees anything has none.
+	if err := os.Mkdir(s.trashDir(), 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return false, fmt.Errorf("make trash: %w", err)
+	}
+	for _, t := range tmps {
+		ok, _ := s.moveToTrash(t) // one that stays is tidied by the next transaction
+		moved = moved || ok
+	}
+	removed := false
+	for _, path := range unused {
+		ok, err := s.moveToTrash(path)
+		if err != nil {
+			return moved, fmt.Errorf("remove unused layer file: %w", err)
 		}
-		removed = true
+		moved = moved || ok
+		removed = removed || ok
 	}
 	if removed {
-		return syncDir(filepath.Join(s.dir, "layers"))
+		return moved, syncDir(filepath.Join(s.dir, "layers"))
 	}
-	return nil
+	return moved, nil
 }
 
 // createLayerFile makes an empty layer file of the given size: sparse, no extent size hint,
