@@ -9,12 +9,15 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
 	"k8s.io/klog/v2"
 
 	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 	"github.com/rawcow/csi-rawcow/pkg/driver"
 	"github.com/rawcow/csi-rawcow/pkg/images"
+	"github.com/rawcow/csi-rawcow/pkg/snapshotlabel"
 )
 
 // driverMain runs the CSI plugin until SIGINT or SIGTERM.
@@ -27,6 +30,7 @@ func driverMain(args []string) int {
 	serverMode := fs.String("server", "auto", "presentation server: embedded (in this process), external (`csi-rawcow serve` beside it) or auto (external if one runs)")
 	name := fs.String("drivername", driver.DefaultName, "CSI driver name")
 	maxVolumes := fs.Int64("max-volumes", 0, "volumes per node, 0 for no limit")
+	labelContents := fs.Bool("label-snapshot-contents", false, "in a pod: label pre-provisioned VolumeSnapshotContents of this node's snapshots for its csi-snapshotter --node-deployment (needs get, list, watch, patch on volumesnapshotcontents)")
 	klog.InitFlags(fs)
 	fs.Set("v", "2") // every CSI call is logged; -v overrides
 	if err := fs.Parse(args); err != nil {
@@ -79,9 +83,27 @@ func driverMain(args []string) int {
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer cancel()
+	if *labelContents {
+		cfg, err := rest.InClusterConfig()
+		if err != nil {
+			klog.ErrorS(err, "--label-snapshot-contents needs the pod's service account")
+			return 1
+		}
+		client, err := dynamic.NewForConfig(cfg)
+		if err != nil {
+			klog.ErrorS(err, "Kubernetes client")
+			return 1
+		}
+		labeler := &snapshotlabel.Labeler{Client: client, Driver: *name, Node: *nodeID, Owns: d.HasSnapshot}
+		go labeler.Run(ctx)
+	}
 	if err := d.Serve(ctx, l); err != nil {
 		klog.ErrorS(err, "CSI server failed")
 		return 1
+	}
+	// (what is left is emptied at the next start anyway)
+	if err := st.WaitTrash(); err != nil {
+		klog.ErrorS(err, "Emptying the store's trash")
 	}
 	return 0
 }

@@ -54,6 +54,12 @@ func (d *Driver) existingSnapshot(id string) (*cow.Info, error) {
 	return d.existing(id, checkSnapshotID, "snapshot")
 }
 
+// HasSnapshot reports whether id names a snapshot in this node's store.
+func (d *Driver) HasSnapshot(id string) bool {
+	_, err := d.existingSnapshot(id)
+	return err == nil
+}
+
 func (d *Driver) existing(id string, check func(string) error, what string) (*cow.Info, error) {
 	if err := check(id); err != nil {
 		return nil, err
