@@ -7,6 +7,9 @@
 #   $CACHE/sidecars-p<PROV>-s<SNAP>-r<RES>/crd/*.yaml      (VolumeSnapshot* CRDs from external-snapshotter client/v8)
 #   $CACHE/rootfs-<RELEASE>-<hash of packages>/layer.tar    (the Dockerfile's runtime stage: a minimal Debian
 #                                                           root with RUNTIME_PACKAGES, by debootstrap, as an image layer)
+#   $CACHE/k8s-e2e-<K8S_VERSION>/bin/{e2e.test,ginkgo,agnhost}
+#                                                           (Kubernetes' e2e suite, its runner and test image, for
+#                                                           the External Storage run; built when asked: `conformance`)
 #
 # CACHE defaults to ${CSI_RAWCOW_CACHE:-/var/cache/csi-rawcow}. Each entry is built in a temporary directory
 # next to it and renamed into place only when complete, so an interrupted build never leaves a half cache;
@@ -17,7 +20,7 @@
 # module requires them and replaces every staging module by its published tag (recipe: shared research
 # k8s-offline, 00-mkmodule.sh, 30-sidecars-build.sh, 40-k8s-build.sh).
 #
-# Usage: test/e2e/build-k8s.sh [all|k8s|sidecars|rootfs|env]...   (default: all)
+# Usage: test/e2e/build-k8s.sh [all|k8s|sidecars|rootfs|conformance|env]...   (default: all)
 #   env   print K8S_BIN=, SIDECARS_BIN=, CRD_DIR=, ROOTFS_LAYER= for the cache entries (does not build)
 # Env:   CSI_RAWCOW_CACHE, K8S_VERSION, PROVISIONER_VERSION, SNAPSHOTTER_VERSION, RESIZER_VERSION,
 #        GOBUILD_P (go build -p, default 2). Run it under `nice -n 19` on a shared machine.
@@ -39,6 +42,7 @@ K8S_NAME=k8s-$K8S_VERSION
 SIDECARS_NAME=sidecars-p${PROVISIONER_VERSION#v}-s${SNAPSHOTTER_VERSION#v}-r${RESIZER_VERSION#v}
 K8S_BINS="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet"
 SIDECAR_BINS="csi-provisioner csi-snapshotter snapshot-controller csi-resizer"
+CONFORMANCE_NAME=k8s-e2e-$K8S_VERSION
 ROOTFS_NAME=rootfs-$DEBIAN_RELEASE-$(echo "$RUNTIME_PACKAGES" | sha256sum | cut -c1-12)
 
 log() { printf '%s build-k8s: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -90,10 +94,12 @@ complete_bins() {
 	done
 }
 
-build_k8s() {
-	local tmp=$1 work=$1/work/kubernetes
+# k8s_module WORK PKG...: a scratch module in WORK requiring k8s.io/kubernetes with every staging
+# module replaced by its published tag, and a tools.go importing PKG... so that tidy records them.
+k8s_module() {
+	local work=$1; shift
 	local staging=v0.${K8S_VERSION#v1.}   # v1.34.4 -> v0.34.4
-	mkdir -p "$work" "$tmp/bin"
+	mkdir -p "$work"
 	local modfile; modfile=$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | jq -r .GoMod)
 	{
 		echo "module scratch/k8sbuild"
@@ -107,20 +113,51 @@ build_k8s() {
 	} >"$work/go.mod"
 	{
 		printf '//go:build tools\n\npackage tools\n\nimport (\n'
-		local c; for c in $K8S_BINS; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$c"; done
+		local pkg; for pkg in "$@"; do printf '\t_ "%s"\n' "$pkg"; done
 		printf ')\n'
 	} >"$work/tools.go"
 	(cd "$work" && go mod tidy)
+}
+
+# k8s_ldflags: the version stamps of a Kubernetes release build.
+k8s_ldflags() {
 	local minor; minor=$(echo "$K8S_VERSION" | cut -d. -f2)
 	local ldf="-s -w" pkg
 	for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 		ldf="$ldf -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
 		ldf="$ldf -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 	done
+	echo "$ldf"
+}
+
+build_k8s() {
+	local tmp=$1 work=$1/work/kubernetes
 	local pkgs="" c; for c in $K8S_BINS; do pkgs="$pkgs k8s.io/kubernetes/cmd/$c"; done
+	mkdir -p "$tmp/bin"
+	# shellcheck disable=SC2086
+	k8s_module "$work" $pkgs
 	# static like upstream release builds
 	# shellcheck disable=SC2086
-	(cd "$work" && CGO_ENABLED=0 go build -p "$P" -trimpath -ldflags "$ldf" -o "$tmp/bin/" $pkgs)
+	(cd "$work" && CGO_ENABLED=0 go build -p "$P" -trimpath -ldflags "$(k8s_ldflags)" -o "$tmp/bin/" $pkgs)
+}
+
+# build_conformance TMP: e2e.test (the External Storage suite lives in it), the ginkgo CLI of the
+# same version (it runs e2e.test in parallel processes) and agnhost, the test image most specs
+# run. tools.go lists the imports of test/e2e's own _test files, which
+# tidy would not record for a package of another module.
+build_conformance() {
+	local tmp=$1 work=$1/work/e2e
+	mkdir -p "$tmp/bin"
+	local e=k8s.io/kubernetes/test/e2e
+	k8s_module "$work" github.com/onsi/ginkgo/v2 github.com/onsi/ginkgo/v2/ginkgo $e $e/feature $e/apimachinery $e/apps $e/architecture \
+		$e/auth $e/autoscaling $e/cloud $e/common $e/dra $e/instrumentation $e/kubectl $e/lifecycle \
+		$e/lifecycle/bootstrap $e/network $e/node $e/scheduling $e/storage $e/storage/csimock \
+		$e/storage/external $e/windows $e/framework/debug/init $e/framework/metrics/init \
+		$e/framework/node/init $e/framework/config $e/framework/testfiles k8s.io/kubernetes/test/utils/format \
+		k8s.io/kubernetes/test/images/agnhost
+	(cd "$work" && CGO_ENABLED=0 go test -c -p "$P" -trimpath -ldflags "$(k8s_ldflags)" -o "$tmp/bin/e2e.test" $e)
+	(cd "$work" && CGO_ENABLED=0 go build -p "$P" -trimpath -ldflags "-s -w" -o "$tmp/bin/" \
+		k8s.io/kubernetes/test/images/agnhost github.com/onsi/ginkgo/v2/ginkgo)
 }
 
 # scratch_build TMP NAME MODULE VERSION "EXTRA_REQUIRES" PKG=BINARY...
@@ -202,6 +239,7 @@ print_env() {
 	echo "SIDECARS_BIN=$CACHE/$SIDECARS_NAME/bin"
 	echo "CRD_DIR=$CACHE/$SIDECARS_NAME/crd"
 	echo "ROOTFS_LAYER=$CACHE/$ROOTFS_NAME/layer.tar"
+	echo "CONFORMANCE_BIN=$CACHE/$CONFORMANCE_NAME/bin"
 }
 
 # main is one function, called on the script's last line with exit: bash has read the whole
@@ -225,8 +263,9 @@ main() {
 		k8s) with_entry "$K8S_NAME" build_k8s $K8S_FILES ;;
 		sidecars) with_entry "$SIDECARS_NAME" build_sidecars $SIDECAR_FILES ;;
 		rootfs) with_entry "$ROOTFS_NAME" build_rootfs layer.tar packages ;;
+		conformance) with_entry "$CONFORMANCE_NAME" build_conformance bin/e2e.test bin/agnhost bin/ginkgo ;;
 		env) print_env; continue ;;
-		*) log "unknown target $what (all|k8s|sidecars|rootfs|env)"; exit 2 ;;
+		*) log "unknown target $what (all|k8s|sidecars|rootfs|conformance|env)"; exit 2 ;;
 		esac
 	done
 	[ "$*" = env ] || print_env

@@ -89,6 +89,8 @@ patches:
           spec:
             hostNetwork: true
             containers:
+              - name: driver
+                %[5]s
               - name: csi-provisioner
                 %[5]s
               - name: csi-snapshotter

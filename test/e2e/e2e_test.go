@@ -45,6 +45,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if code, ok := inNamespaces(); ok {
+		os.Exit(code)
+	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	go func() {
@@ -78,7 +81,7 @@ func setup() (*env, error) {
 	}
 	start := time.Now()
 	if os.Getenv("CSI_RAWCOW_E2E_NO_BUILD") == "" {
-		build := exec.Command("bash", "build-k8s.sh", "all")
+		build := exec.Command("bash", "build-k8s.sh", "all", "conformance")
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			return nil, fmt.Errorf("build-k8s.sh: %w", err)

@@ -86,12 +86,13 @@ func readDocs(t *testing.T, path string) []doc {
 }
 
 // manifests are the documents of every YAML file under deploy/kubernetes but the
-// kustomizations, by file (relative path).
+// kustomizations and the inputs of Kubernetes' e2e suite (test-*.yaml), by file (relative path).
 func manifests(t *testing.T) map[string][]doc {
 	t.Helper()
 	out := map[string][]doc{}
 	err := filepath.WalkDir(deployDir, func(path string, de fs.DirEntry, err error) error {
-		if err != nil || de.IsDir() || !strings.HasSuffix(path, ".yaml") || de.Name() == "kustomization.yaml" {
+		if err != nil || de.IsDir() || !strings.HasSuffix(path, ".yaml") || de.Name() == "kustomization.yaml" ||
+			strings.HasPrefix(de.Name(), "test-") {
 			return err
 		}
 		rel, _ := filepath.Rel(deployDir, path)
@@ -164,6 +165,43 @@ func TestKustomizations(t *testing.T) {
 			t.Errorf("%s is in no kustomization", file)
 		}
 	}
+}
+
+// test-driver.yaml, the External Storage suite's description of the driver, agrees with the
+// driver and the manifests: name, topology key, file systems the node formats, a StorageClass
+// of this driver and an existing VolumeSnapshotClass.
+func TestConformanceDriverFile(t *testing.T) {
+	td := readDocs(t, filepath.Join(deployDir, "test-driver.yaml"))
+	if len(td) != 1 {
+		t.Fatalf("test-driver.yaml: %d documents", len(td))
+	}
+	if got := str(td[0], "DriverInfo", "Name"); got != driver.DefaultName {
+		t.Errorf("DriverInfo.Name %q, want %q", got, driver.DefaultName)
+	}
+	if keys := strs(td[0], "DriverInfo", "TopologyKeys"); !slices.Equal(keys, []string{driver.TopologyKey}) {
+		t.Errorf("DriverInfo.TopologyKeys %v, want [%s]", keys, driver.TopologyKey)
+	}
+	fsTypes, _ := get(td[0], "DriverInfo", "SupportedFsType").(map[string]any)
+	for fs := range fsTypes {
+		if fs != "" && fs != "ext4" && fs != "xfs" {
+			t.Errorf("SupportedFsType %q: the node formats ext4 and xfs", fs)
+		}
+	}
+	caps, _ := get(td[0], "DriverInfo", "Capabilities").(map[string]any)
+	for _, c := range []string{"persistence", "block", "exec", "fsGroup", "multipods", "singleNodeVolume",
+		"snapshotDataSource", "pvcDataSource", "controllerExpansion", "nodeExpansion", "onlineExpansion",
+		"topology", "capacity"} {
+		if caps[c] != true {
+			t.Errorf("capability %s not declared", c)
+		}
+	}
+	// the class file is found relative to --repo-root, the repository
+	classFile := str(td[0], "StorageClass", "FromFile")
+	sc := readDocs(t, filepath.Join("../..", classFile))
+	if len(sc) != 1 || str(sc[0], "kind") != "StorageClass" || str(sc[0], "provisioner") != driver.DefaultName {
+		t.Errorf("%s: want one StorageClass of %s", classFile, driver.DefaultName)
+	}
+	find(t, manifests(t), "VolumeSnapshotClass", str(td[0], "SnapshotClass", "FromExistingClassName"))
 }
 
 // containersOf lists a pod template's init and regular containers.
@@ -410,6 +448,9 @@ func TestNodeDaemonSet(t *testing.T) {
 		{"Role", "csi-rawcow-provisioner-capacity", "storage.k8s.io", "csistoragecapacities", "create"},
 		{"Role", "csi-rawcow-provisioner-capacity", "apps", "daemonsets", "get"},
 		{"ClusterRole", "csi-rawcow-snapshotter", "snapshot.storage.k8s.io", "volumesnapshotcontents/status", "update"},
+		// the driver's --label-snapshot-contents
+		{"ClusterRole", "csi-rawcow-snapshotter", "snapshot.storage.k8s.io", "volumesnapshotcontents", "watch"},
+		{"ClusterRole", "csi-rawcow-snapshotter", "snapshot.storage.k8s.io", "volumesnapshotcontents", "patch"},
 		{"ClusterRole", "csi-rawcow-resizer", "", "persistentvolumeclaims/status", "patch"},
 		{"ClusterRole", "csi-rawcow-snapshot-controller", "", "nodes", "list"},
 	} {

@@ -27,7 +27,7 @@ func cachePaths() (map[string]string, error) {
 			paths[k] = v
 		}
 	}
-	for _, k := range []string{"K8S_BIN", "SIDECARS_BIN", "CRD_DIR"} {
+	for _, k := range []string{"K8S_BIN", "SIDECARS_BIN", "CRD_DIR", "CONFORMANCE_BIN"} {
 		if paths[k] == "" {
 			return nil, fmt.Errorf("build-k8s.sh env: no %s in %q", k, out)
 		}
