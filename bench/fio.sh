@@ -23,8 +23,9 @@
 #   --quick       3 s per job instead of 10, 2 rounds
 #   --rounds N    rounds (default 3: round 1 writes allocate, later rounds overwrite)
 #   --runtime S   seconds per job
-#   --ram         put DIR's data on an ext4 over a loop device on /dev/shm (about 10 GiB of
-#                 memory): both sides at memory speed, so ratios show software overhead only
+#   --ram         put DIR's data on an ext4 (xfs with --presentation composed) over a loop
+#                 device on /dev/shm (about 10 GiB of memory): both sides at memory speed, so
+#                 ratios show software overhead only
 #   --profile     perf record the server during a 4 KiB random read (qd32) and a 1 MiB
 #                 sequential read on b1, whatever the ratios (otherwise only when random read
 #                 is under 0.5 or sequential under 0.9 of a)
@@ -107,8 +108,14 @@ if [[ $RAM == 1 ]]; then
 	RAMIMG="$(mktemp /dev/shm/rawcow-fio.XXXXXX)"
 	truncate -s 24G "$RAMIMG"
 	RAMDEV="$(losetup --find --show --direct-io=on --sector-size 4096 "$RAMIMG")"
-	mkfs.ext4 -q -F -b 4096 -E nodiscard "$RAMDEV"
-	mount -t ext4 -o discard "$RAMDEV" "$DATA"
+	if [[ $PRESENTATION == composed ]]; then
+		# composing needs reflink: xfs (reflink is mkfs.xfs's default)
+		mkfs.xfs -q -f -b size=4096 -K "$RAMDEV"
+		mount -t xfs -o discard "$RAMDEV" "$DATA"
+	else
+		mkfs.ext4 -q -F -b 4096 -E nodiscard "$RAMDEV"
+		mount -t ext4 -o discard "$RAMDEV" "$DATA"
+	fi
 fi
 log "work directory $WORK (data on $(findmnt -no SOURCE,FSTYPE,OPTIONS -T "$DATA" | head -1))"
 
