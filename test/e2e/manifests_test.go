@@ -202,6 +202,17 @@ func TestConformanceDriverFile(t *testing.T) {
 		t.Errorf("%s: want one StorageClass of %s", classFile, driver.DefaultName)
 	}
 	find(t, manifests(t), "VolumeSnapshotClass", str(td[0], "SnapshotClass", "FromExistingClassName"))
+	vacFile := str(td[0], "VolumeAttributesClass", "FromFile")
+	vac := readDocs(t, filepath.Join("../..", vacFile))
+	if len(vac) != 1 || str(vac[0], "kind") != "VolumeAttributesClass" || str(vac[0], "driverName") != driver.DefaultName {
+		t.Fatalf("%s: want one VolumeAttributesClass of %s", vacFile, driver.DefaultName)
+	}
+	params, _ := get(vac[0], "parameters").(map[string]any)
+	for k := range params {
+		if k != "presentation" {
+			t.Errorf("%s: parameter %s cannot be set by a VolumeAttributesClass", vacFile, k)
+		}
+	}
 }
 
 // containersOf lists a pod template's init and regular containers.
