@@ -121,6 +121,7 @@ var imageCommands = []imageCommand{
 	{"delete", "NAME", "Delete a volume, or a snapshot (like merge).", imageDelete},
 	{"rm", "IMAGE", "Remove base image IMAGE; refused while volumes or snapshots build on it.", imageRemove},
 	{"flatten", "NAME FILE", "Write a volume or snapshot to FILE as one sparse plain raw image.", imageFlatten},
+	{"localize-base", "[--json] NAME|LAYER", "Copy the base of volume or snapshot NAME (or base layer LAYER) into the store, once, when it lies on another file system: every chain over it reads the copy, and composed volumes share its blocks. The original file is left as it is.", imageLocalizeBase},
 	{"check", "[--repair] [--json]", "Check the store; exit 1 when problems are found. --repair removes unused layers and stray files.", imageCheck},
 	{"diff", "[--json] A B", "Show the extents that may differ between two volumes or snapshots.", imageDiff},
 }
@@ -507,7 +508,10 @@ func imageInfo(t *imageTool, fs *flag.FlagSet, args []string) error {
 		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\n", i, l.ID, l.State, humanSize(l.Size), humanSize(l.Allocated), l.Path)
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "allocated:     %s in the store's layers (a base is not counted)\n", sizeWithBytes(info.Allocated))
+	if b := info.Layers[0]; b.Origin != "" {
+		fmt.Fprintf(w, "base origin:   %s (copied into the store)\n", b.Origin)
+	}
+	fmt.Fprintf(w, "allocated:     %s in the store's layers (a base outside the store is not counted)\n", sizeWithBytes(info.Allocated))
 	return nil
 }
 
@@ -881,7 +885,7 @@ func storeAllocated(all []*cow.Info) int64 {
 	var n int64
 	for _, info := range all {
 		for _, l := range info.Layers {
-			if l.State != cow.Base && !seen[l.ID] {
+			if (l.State != cow.Base || l.Origin != "") && !seen[l.ID] {
 				seen[l.ID] = true
 				n += l.Allocated
 			}
@@ -914,6 +918,35 @@ func imageFlatten(t *imageTool, fs *flag.FlagSet, args []string) error {
 		return fmt.Errorf("flattened %s, but: %w", name, err)
 	}
 	fmt.Fprintf(t.stdout, "flattened %s to %s: virtual size %s, %s allocated\n", name, dst, sizeWithBytes(sys.Size), humanSize(sys.Blocks*512))
+	return nil
+}
+
+func imageLocalizeBase(t *imageTool, fs *flag.FlagSet, args []string) error {
+	asJSON := fs.Bool("json", false, "print what was done as JSON")
+	st, ref, err := t.storeAndName(fs, args)
+	if err != nil {
+		return err
+	}
+	bar := newProgress(t.progress, "copy the base of "+ref)
+	start := time.Now()
+	res, err := st.LocalizeBase(ref, bar.Update)
+	if err != nil {
+		bar.Abort()
+		return err
+	}
+	bar.Finish()
+	if *asJSON {
+		return t.printJSON(res)
+	}
+	switch {
+	case res.Copied:
+		fmt.Fprintf(t.stdout, "copied base %s into the store as %s: virtual size %s, %s allocated, in %s; every chain over it reads the copy\n",
+			res.Origin, res.Path, sizeWithBytes(res.Size), humanSize(res.Allocated), time.Since(start).Round(time.Millisecond))
+	case res.Origin != "":
+		fmt.Fprintf(t.stdout, "base %s was copied into the store already, as %s: nothing to do\n", res.Origin, res.Path)
+	default:
+		fmt.Fprintf(t.stdout, "base %s lies on the store's file system: volumes share its blocks as it is, nothing to do\n", res.Path)
+	}
 	return nil
 }
 

@@ -2,7 +2,6 @@ package blockdev_test
 
 import (
 	"bytes"
-	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -69,18 +68,18 @@ func TestMixedPresentations(t *testing.T) {
 			if !bytes.Equal(got, atSnapshot) {
 				t.Fatal("the snapshot of the composed volume does not hold exactly the writes before it")
 			}
-			// A base on another file system is not composed silently.
+			// A base on another file system is copied into the store, and then composed.
 			other := filepath.Join(t.TempDir(), "other-base.raw")
 			writeFile(t, other, []byte("elsewhere"))
 			if err := st.Create("far", cow.CreateOptions{Base: other, Size: 16 << 20}); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := srv.Attach("far", blockdev.AttachOptions{Presentation: blockdev.PresentComposed}); !errors.Is(err, cow.ErrNotSupported) {
-				t.Fatalf("composing over a base on another file system: %v, want ErrNotSupported", err)
+			a, err := srv.Attach("far", blockdev.AttachOptions{Presentation: blockdev.PresentComposed})
+			if err != nil || !a.Composed {
+				t.Fatalf("composing over a base on another file system: composed=%v, %v", a.Composed, err)
 			}
-			a, err := srv.Attach("far", blockdev.AttachOptions{})
-			if err != nil || a.Composed {
-				t.Fatalf("auto over a base on another file system: composed=%v, %v; want the merged view", a.Composed, err)
+			if got := testsrv.ReadDevice(t, a.Device, 0, 4096); !bytes.Equal(got[:9], []byte("elsewhere")) || !bytes.Equal(got[9:], make([]byte, 4096-9)) {
+				t.Fatalf("the composed volume over a copied base reads %q", got[:16])
 			}
 			if err := srv.Detach("far"); err != nil {
 				t.Fatal(err)

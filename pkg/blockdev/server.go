@@ -41,7 +41,8 @@ var (
 // Presentations: how a volume reaches its loop device.
 const (
 	// PresentAuto composes volumes where the store's file system shares blocks, and serves
-	// the merged view elsewhere.
+	// the merged view elsewhere. A base on another file system is copied into the store
+	// first (once, shared by every chain over it).
 	PresentAuto = "auto"
 	// PresentMerged serves the merged view of the chain as a FUSE file (any file system).
 	PresentMerged = "merged"
@@ -80,6 +81,10 @@ type Server struct {
 	fuse   *fuse.Server
 
 	reflinks bool // the store's file system shares blocks: compose by default
+
+	// localizing serializes copies of bases into the store: a second attach over the same
+	// base waits and finds it copied. It is not mu: a copy can take minutes.
+	localizing sync.Mutex
 
 	mu       sync.Mutex // serializes attach, detach and the chain-changing operations
 	attached map[string]*Attachment
@@ -201,18 +206,36 @@ func (s *Server) MountDir() string { return s.mnt }
 // loop device and returns its path. Attaching an attached name again in the same mode
 // returns the same device.
 func (s *Server) Attach(name string, opts AttachOptions) (Attachment, error) {
-	a, err := s.attach(name, opts)
+	if err := cow.ValidateName(name); err != nil {
+		return Attachment{}, err
+	}
+	// Deciding may copy a base into the store, for minutes: it is done before the server's
+	// lock is taken, so that other volumes attach and detach meanwhile.
+	var composed *bool
+	if !s.isAttached(name) { // else attach returns the attachment as it is
+		c, err := s.composes(name, opts.Presentation)
+		if err != nil {
+			return Attachment{}, err
+		}
+		composed = &c
+	}
+	a, err := s.attach(name, opts, composed)
 	if err != nil {
 		return Attachment{}, err
 	}
 	return *a, nil
 }
 
-func (s *Server) attach(name string, opts AttachOptions) (*Attachment, error) {
+func (s *Server) isAttached(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.attached[name] != nil
+}
+
+// attach attaches name as composes decided, or, when composed is nil (it was attached when
+// Attach looked), returns the attachment.
+func (s *Server) attach(name string, opts AttachOptions, composed *bool) (*Attachment, error) {
 	readOnly := opts.ReadOnly
-	if err := cow.ValidateName(name); err != nil {
-		return nil, err
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if a := s.attached[name]; a != nil {
@@ -227,12 +250,16 @@ func (s *Server) attach(name string, opts AttachOptions) (*Attachment, error) {
 		}
 		delete(s.stale, name)
 	}
-	composed, err := s.composes(name, opts.Presentation)
-	if err != nil {
-		return nil, err
+	if composed == nil { // detached since Attach looked: decide now, under the lock
+		c, err := s.composes(name, opts.Presentation)
+		if err != nil {
+			return nil, err
+		}
+		composed = &c
 	}
 	var a *Attachment
-	if composed {
+	var err error
+	if *composed {
 		a, err = s.attachComposed(name, readOnly)
 	} else {
 		a, err = s.attachMerged(name, readOnly)
@@ -247,7 +274,8 @@ func (s *Server) attach(name string, opts AttachOptions) (*Attachment, error) {
 
 // composes decides the presentation of name: snapshots are always served merged (their
 // layers are frozen); volumes are composed where asked, or by default where the file
-// system shares blocks.
+// system shares blocks. There, a base on another file system is copied into the store first
+// (localizeBase), so that the volume shares its blocks; nothing is served slowly in silence.
 func (s *Server) composes(name, presentation string) (bool, error) {
 	info, err := s.store.Info(name)
 	if err != nil {
@@ -258,8 +286,11 @@ func (s *Server) composes(name, presentation string) (bool, error) {
 		if info.Kind != "volume" {
 			return false, fmt.Errorf("attach %s: %w: only a volume can be composed", name, cow.ErrNotSupported)
 		}
-		if err := s.sameFileSystem(info); err != nil {
-			return false, fmt.Errorf("attach %s: %w", name, err)
+		// Without reflinks composing copies the chain's data, the base's too, wherever it is.
+		if s.reflinks {
+			if err := s.localizeBase(info); err != nil {
+				return false, fmt.Errorf("attach %s: %w", name, err)
+			}
 		}
 		return true, nil
 	case PresentMerged:
@@ -268,8 +299,8 @@ func (s *Server) composes(name, presentation string) (bool, error) {
 		if info.Kind != "volume" || !s.reflinks {
 			return false, nil
 		}
-		if err := s.sameFileSystem(info); err != nil {
-			klog.InfoS("Serving the merged view instead of composing", "name", name, "reason", err)
+		if err := s.localizeBase(info); err != nil {
+			klog.ErrorS(err, "Serving the merged view instead of composing: the volume's base could not be copied into the store", "name", name)
 			return false, nil
 		}
 		return true, nil
@@ -277,21 +308,39 @@ func (s *Server) composes(name, presentation string) (bool, error) {
 	return false, fmt.Errorf("attach %s: %w: presentation %q (auto, merged, composed)", name, cow.ErrNotSupported, presentation)
 }
 
-// sameFileSystem fails when the volume's base lies on another file system than the store:
-// composing would then copy the base's data into every volume instead of sharing it.
-func (s *Server) sameFileSystem(info *cow.Info) error {
-	if len(info.Layers) == 0 || info.Layers[0].State != cow.Base {
+// localizeBase copies the volume's base into the store when it lies on another file system
+// (cow.Store.LocalizeBase): composing over it there would copy its data into the volume
+// instead of sharing its blocks. A base that an opaque layer hides is not read: it stays.
+func (s *Server) localizeBase(info *cow.Info) error {
+	if len(info.Layers) == 0 || info.Layers[0].State != cow.Base || info.Layers[0].Origin != "" {
 		return nil
 	}
-	var base, store unix.Stat_t
-	if err := unix.Stat(info.Layers[0].Path, &base); err != nil {
-		return fmt.Errorf("base %s: %w", info.Layers[0].Path, err)
+	for _, l := range info.Layers[1:] {
+		if l.Opaque {
+			return nil
+		}
 	}
-	if err := unix.Stat(s.store.Dir(), &store); err != nil {
-		return fmt.Errorf("store %s: %w", s.store.Dir(), err)
+	base := info.Layers[0].Path
+	s.localizing.Lock()
+	defer s.localizing.Unlock()
+	start := time.Now()
+	logged := int64(-1) // the last tenth logged
+	res, err := s.store.LocalizeBase(info.Name, func(done, total int64) {
+		if total <= 0 {
+			return
+		}
+		if tenth := done * 10 / total; tenth > logged {
+			logged = tenth
+			klog.InfoS("Copying a base on another file system into the store, once for every volume over it",
+				"name", info.Name, "base", base, "percent", tenth*10, "copied", done, "total", total, "elapsed", time.Since(start).Round(time.Millisecond))
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("copy base %s into the store: %w", base, err)
 	}
-	if base.Dev != store.Dev {
-		return fmt.Errorf("%w: base %s is on another file system than the store; import it (csi-rawcow image import) so that volumes share its blocks", cow.ErrNotSupported, info.Layers[0].Path)
+	if res.Copied {
+		klog.InfoS("Copied a base into the store; volumes over it share the copy's blocks", "name", info.Name,
+			"base", base, "copy", res.Path, "size", res.Size, "allocated", res.Allocated, "duration", time.Since(start).Round(time.Millisecond))
 	}
 	return nil
 }

@@ -208,27 +208,35 @@ func (s *Store) cloneFile(src, dst string, size int64) error {
 		return err
 	}
 	defer out.Close()
-	if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err != nil {
-		if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EXDEV) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOTTY) {
-			return fmt.Errorf("clone %s: %w", src, err)
-		}
-		if err := out.Truncate(size); err != nil {
-			return err
-		}
-		data, err := dataExtents(in, size)
-		if err != nil {
-			return err
-		}
-		for _, d := range data {
-			if err := copyRange(out, in, d.Off, d.Len, nil); err != nil {
-				return err
-			}
-		}
+	if err := cloneInto(out, in, size, nil); err != nil {
+		return err
 	}
 	if err := out.Sync(); err != nil {
 		return err
 	}
 	return syncDir(s.dir + "/layers")
+}
+
+// cloneInto makes the new empty file out a copy of the first size bytes of in: sharing its
+// blocks (FICLONE) where the file system can, else copying its data extents, so that its
+// holes stay holes. progress, if set, is told the bytes copied so far of the data (a clone
+// copies none). out is not synced.
+func cloneInto(out, in *os.File, size int64, progress func(done, total int64)) error {
+	err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd()))
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EXDEV) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOTTY) {
+		return fmt.Errorf("clone %s: %w", in.Name(), err)
+	}
+	if err := out.Truncate(size); err != nil {
+		return err
+	}
+	data, err := dataExtents(in, size)
+	if err != nil {
+		return err
+	}
+	return copyExtents(out, in, data, progress)
 }
 
 // VolumeOfFile returns the volume whose top layer is the file at path, if any: a server

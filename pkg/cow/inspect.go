@@ -20,6 +20,7 @@ type LayerInfo struct {
 	Path      string     `json:"path"`
 	Allocated int64      `json:"allocatedBytes"` // space the file takes on disk
 	Opaque    bool       `json:"opaque,omitempty"`
+	Origin    string     `json:"origin,omitempty"` // a base copied into the store: where from
 }
 
 // Info describes a volume or a snapshot.
@@ -30,8 +31,8 @@ type Info struct {
 	Source    string            `json:"source,omitempty"`
 	Created   time.Time         `json:"created"`
 	Labels    map[string]string `json:"labels,omitempty"`
-	Layers    []LayerInfo       `json:"layers"` // bottom first
-	Allocated int64             `json:"allocatedBytes"`
+	Layers    []LayerInfo       `json:"layers"`         // bottom first
+	Allocated int64             `json:"allocatedBytes"` // of the store's files (a base outside it is not counted)
 }
 
 // Volumes returns the names of all volumes, sorted.
@@ -92,12 +93,12 @@ func (s *Store) Info(name string) (*Info, error) {
 	info.Size = m.Layers[top].Size
 	for _, id := range ids {
 		l := m.Layers[id]
-		li := LayerInfo{ID: id, State: l.State, Size: l.Size, Path: s.filePath(id, l), Opaque: l.Opaque}
+		li := LayerInfo{ID: id, State: l.State, Size: l.Size, Path: s.filePath(id, l), Opaque: l.Opaque, Origin: l.Origin}
 		var st syscall.Stat_t
 		if err := syscall.Stat(li.Path, &st); err == nil {
 			li.Allocated = st.Blocks * 512
 		}
-		if l.State != Base {
+		if l.inStore() {
 			info.Allocated += li.Allocated
 		}
 		info.Layers = append(info.Layers, li)
@@ -285,7 +286,9 @@ func (p Problem) String() string { return p.Subject + ": " + p.Message }
 
 // Check verifies the store: the manifest parses; every chain resolves without cycles;
 // every layer file exists with the size the manifest gives; bases are unchanged; zero lists
-// parse; every layer is used; no file lies in layers/ that the manifest does not name.
+// parse; every layer is used; no file lies in layers/ that the manifest does not name. A base
+// copied into the store is checked like a base, in its file layers/ID.raw; its origin is
+// not looked at (nothing reads it any more, and it may be gone).
 // With repair, unused layers and stray files are removed (nothing in use is touched).
 // The trash (DIR/.trash) is not looked at: what lies there is freed already, and being
 // unlinked.
@@ -381,7 +384,7 @@ func (s *Store) Check(repair bool) ([]Problem, error) {
 				continue
 			}
 		}
-		if l := m.Layers[id]; l == nil || l.State == Base {
+		if l := m.Layers[id]; l == nil || !l.inStore() {
 			add("layers/"+e.Name(), "stray file: no layer of the manifest")
 		}
 	}
@@ -398,7 +401,9 @@ func CopyRange(out, in *os.File, off, n int64, progress func(int64)) error {
 	return copyRange(out, in, off, n, progress)
 }
 
-// baseUsers returns the volumes and snapshots whose chains rest on the base file at path.
+// baseUsers returns the volumes and snapshots whose chains rest on the base file at path. A
+// base copied into the store reads its copy, not its origin: its chains are no users of
+// the origin.
 func (m *manifest) baseUsers(path string) []string {
 	var users []string
 	for _, kind := range []map[string]string{m.volumeTops(), m.snapshotLayers()} {
@@ -430,7 +435,9 @@ func (m *manifest) snapshotLayers() map[string]string {
 	return out
 }
 
-// BaseUsers returns the volumes and snapshots built on the base file at path.
+// BaseUsers returns the volumes and snapshots that read the base file at path. Those over a
+// base copied into the store (LocalizeBase) read the copy: the file they were copied from
+// has no users any more.
 func (s *Store) BaseUsers(path string) ([]string, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
@@ -445,11 +452,16 @@ func (s *Store) BaseUsers(path string) ([]string, error) {
 }
 
 // RemoveBase deletes the base file at path unless a chain rests on it. It holds the store's
-// lock throughout, so no volume can be created on the file meanwhile.
+// lock throughout, so no volume can be created on the file meanwhile. The origin of a base
+// copied into the store may go (its chains read the copy); a file of the store never does
+// (a copied base is freed with its last chain, like a layer).
 func (s *Store) RemoveBase(path string) error {
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return err
+	}
+	if rel, err := filepath.Rel(s.dir, abs); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+		return fmt.Errorf("remove %s: %w: a file of the store is no base to remove", path, ErrInvalidName)
 	}
 	return s.tx(func(m *manifest) error {
 		if users := m.baseUsers(abs); len(users) > 0 {

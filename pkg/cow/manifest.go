@@ -26,6 +26,8 @@ const (
 	// Frozen: immutable for good; may back several chains.
 	Frozen LayerState = "frozen"
 	// Base: a read-only raw file outside the layers directory; never modified, never deleted.
+	// A base copied into the store (LocalizeBase) lies in the layers directory, and is freed
+	// with its last chain like any layer.
 	Base LayerState = "base"
 )
 
@@ -38,6 +40,13 @@ type LayerMeta struct {
 	// so that a base changed behind our back is refused instead of served.
 	Path  string `json:"path,omitempty"`
 	MTime int64  `json:"mtimeNs,omitempty"`
+	// Origin and OriginMTime describe a base copied into the store (see LocalizeBase): the
+	// file it was copied from and that file's modification time then. Such a base has no
+	// Path: its file is layers/ID.raw, found by its id like any layer's (so the store stays
+	// movable), and MTime is the copy's. An older build refuses the field instead of taking
+	// the copy for a stray file.
+	Origin      string `json:"origin,omitempty"`
+	OriginMTime int64  `json:"originMtimeNs,omitempty"`
 	// Opaque: the layer holds the whole view of its chain; its holes read zero and hide
 	// every layer below (a composed top, or a snapshot of one).
 	Opaque bool `json:"opaque,omitempty"`
@@ -66,6 +75,10 @@ type manifest struct {
 	Volumes   map[string]*VolumeMeta   `json:"volumes"`
 	Snapshots map[string]*SnapshotMeta `json:"snapshots"`
 }
+
+// inStore reports whether the layer's file is the store's (layers/ID.raw): every layer but
+// a base that was not copied into the store.
+func (l *LayerMeta) inStore() bool { return l.State != Base || l.Origin != "" }
 
 func newManifest() *manifest {
 	return &manifest{
@@ -128,11 +141,14 @@ func (m *manifest) validate() error {
 		}
 		switch l.State {
 		case Active, Frozen:
-			if l.Path != "" {
-				return fmt.Errorf("layer %s: only a base has a path", id)
+			if l.Path != "" || l.Origin != "" {
+				return fmt.Errorf("layer %s: only a base has a path or an origin", id)
 			}
 		case Base:
-			if !filepath.IsAbs(l.Path) || l.Parent != "" {
+			if l.Origin != "" && (l.Path != "" || !filepath.IsAbs(l.Origin) || l.Parent != "") {
+				return fmt.Errorf("layer %s: a base copied into the store needs an absolute origin, no path and no parent", id)
+			}
+			if l.Origin == "" && (!filepath.IsAbs(l.Path) || l.Parent != "") {
 				return fmt.Errorf("layer %s: a base needs an absolute path and no parent", id)
 			}
 		default:

@@ -816,14 +816,23 @@ func (s *Store) copyRanges(src, dst string, ranges []Extent) error {
 	s.mu.Lock()
 	report := s.progress
 	s.mu.Unlock()
+	return copyExtents(out, in, ranges, report)
+}
+
+// copyExtents copies the ranges of in to the same offsets of out with copyRange. progress,
+// if set, is told the bytes copied so far of the ranges' total, from 0 on.
+func copyExtents(out, in *os.File, ranges []Extent, progress func(done, total int64)) error {
 	var total, done int64
 	for _, r := range ranges {
 		total += r.Len
 	}
+	if progress != nil {
+		progress(0, total)
+	}
 	for _, r := range ranges {
 		err := copyRange(out, in, r.Off, r.Len, func(n int64) {
-			if done += n; report != nil {
-				report(done, total)
+			if done += n; progress != nil {
+				progress(done, total)
 			}
 		})
 		if err != nil {

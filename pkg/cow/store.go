@@ -92,7 +92,7 @@ func (s *Store) lockPath(name string) string {
 
 // filePath is where the data of layer id lives.
 func (s *Store) filePath(id string, l *LayerMeta) string {
-	if l.State == Base {
+	if !l.inStore() {
 		return l.Path
 	}
 	return s.layerPath(id)
@@ -178,7 +178,7 @@ func (s *Store) trashUnlisted(m *manifest) (moved bool, err error) {
 	var unused []string
 	for _, e := range entries {
 		id, _, _ := strings.Cut(e.Name(), ".")
-		if l := m.Layers[id]; l != nil && l.State != Base {
+		if l := m.Layers[id]; l != nil && l.inStore() {
 			continue
 		}
 		if strings.HasPrefix(e.Name(), ".") {
@@ -326,12 +326,21 @@ func (s *Store) describeBase(path string) (*LayerMeta, error) {
 }
 
 // baseLayer returns the id of the manifest's entry for base, adding one if needed, so that
-// all chains over one base file share one entry.
+// all chains over one base file share one entry. A base copied into the store stands for
+// its origin as long as the origin is unchanged: new chains over the file share the copy.
 func (m *manifest) baseLayer(base *LayerMeta) string {
+	found := ""
 	for id, l := range m.Layers {
-		if l.State == Base && *l == *base {
+		switch {
+		case l.State != Base:
+		case l.Origin == base.Path && l.OriginMTime == base.MTime && l.Size == base.Size:
 			return id
+		case *l == *base:
+			found = id
 		}
+	}
+	if found != "" {
+		return found
 	}
 	id := newLayerID()
 	m.Layers[id] = base
@@ -482,7 +491,7 @@ func (s *Store) openLayerFile(id string, meta *LayerMeta, writable bool) (l *ope
 	if errors.Is(err, fs.ErrNotExist) {
 		// The manifest names the file: a missing layer is damage, a missing base a change.
 		sentinel := ErrCorrupt
-		if meta.State == Base {
+		if !meta.inStore() {
 			sentinel = ErrBaseChanged
 		}
 		return nil, nil, nil, fmt.Errorf("%w: layer %s: %w", sentinel, id, err)
@@ -499,8 +508,8 @@ func (s *Store) openLayerFile(id string, meta *LayerMeta, writable bool) (l *ope
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s: %w", id, err)
 	}
-	if meta.State == Base && (fi.ModTime().UnixNano() != meta.MTime || fi.Size() != meta.Size) {
-		return nil, nil, nil, fmt.Errorf("%w: %s was modified after chains were built on it", ErrBaseChanged, path)
+	if err := baseChanged(path, fi, meta); err != nil {
+		return nil, nil, nil, err
 	}
 	if meta.State == Active && fi.Mode().IsRegular() && fi.Size() < meta.Size {
 		// A grow is committed to the manifest before the file follows; finish one a crash cut
@@ -527,6 +536,15 @@ func (s *Store) openLayerFile(id string, meta *LayerMeta, writable bool) (l *ope
 		return nil, nil, nil, fmt.Errorf("layer %s: %w", id, err)
 	}
 	return &openLayer{id: id, meta: *meta, f: f}, zeros, data, nil
+}
+
+// baseChanged fails with ErrBaseChanged when meta is a base and fi, the file at path, is not
+// the one its chains were built on: another size or modification time.
+func baseChanged(path string, fi fs.FileInfo, meta *LayerMeta) error {
+	if meta.State == Base && (fi.ModTime().UnixNano() != meta.MTime || fi.Size() != meta.Size) {
+		return fmt.Errorf("%w: %s was modified after chains were built on it", ErrBaseChanged, path)
+	}
+	return nil
 }
 
 // readyTop makes a writable top safe to write and returns its data extents: its extent size
