@@ -54,7 +54,7 @@ func TestExternalStorage(t *testing.T) {
 	e := cluster(t)
 	driverDeployed(t)
 	bin := e.paths["CONFORMANCE_BIN"]
-	if err := buildConformanceImages(e.node, e.bbLayer, filepath.Join(bin, "agnhost")); err != nil {
+	if err := buildConformanceImages(e.node, e.bbLayer, e.paths["ROOTFS_LAYER"], filepath.Join(bin, "agnhost")); err != nil {
 		t.Fatal(err)
 	}
 	report := os.Getenv("CSI_RAWCOW_CONFORMANCE_REPORT")

@@ -214,9 +214,11 @@ func kustomizeImages(path string) (map[string]string, error) {
 
 // buildConformanceImages makes and imports the images the External Storage specs run, under
 // the tags e2e.test v1.34.4 asks for (test/utils/image/manifest.go): pods pull IfNotPresent,
-// so an imported tag is used as is. busybox, nginx and jessie-dnsutils are busybox (the
-// storage specs run only sh, dd, ls and the like in them); agnhost is the real one.
-func buildConformanceImages(n *node, bbLayer, agnhost string) error {
+// so an imported tag is used as is. busybox and nginx are busybox (the storage specs run only
+// sh, dd, ls and the like in them); jessie-dnsutils is a Debian root like the real one (the
+// driver image's, build-k8s.sh rootfs): the specs use its GNU dd (oflag=nocache, which
+// busybox lacks); agnhost is the real one.
+func buildConformanceImages(n *node, bbLayer, debianLayer, agnhost string) error {
 	dir := filepath.Join(n.work, "images")
 	agnLayer := filepath.Join(dir, "agnhost.layer")
 	if err := layerFromFiles(agnLayer, map[string]string{"/agnhost": agnhost}); err != nil {
@@ -228,7 +230,7 @@ func buildConformanceImages(n *node, bbLayer, agnhost string) error {
 		{Name: "registry.k8s.io/pause:3.10.1", Layers: []string{filepath.Join(dir, "pause.layer")}, Entrypoint: []string{"/pause"}},
 		{Name: e2eImages + "busybox:1.37.0-1", Layers: []string{bbLayer}, Cmd: sh},
 		{Name: e2eImages + "nginx:1.14-4", Layers: []string{bbLayer}, Cmd: sh},
-		{Name: e2eImages + "jessie-dnsutils:1.7", Layers: []string{bbLayer}, Cmd: sh},
+		{Name: e2eImages + "jessie-dnsutils:1.7", Layers: []string{debianLayer}, Cmd: sh},
 		{Name: e2eImages + "agnhost:2.56", Layers: []string{bbLayer, agnLayer}, Entrypoint: []string{"/agnhost"}},
 	})
 }
