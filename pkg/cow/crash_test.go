@@ -18,6 +18,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -102,6 +103,12 @@ func TestCrashChild(t *testing.T) {
 	dir := os.Getenv(crashEnv)
 	if dir == "" {
 		return
+	}
+	// the composed path's child when its parent asks for it (crash_composed_test.go)
+	if at := os.Getenv(crashComposedEnv); at != "" {
+		err := crashComposedChild(dir, at)
+		fmt.Fprintf(os.Stderr, "composed crash child: %v\n", err)
+		os.Exit(3) // it returns only on error or after its safety timeout
 	}
 	if err := crashChild(dir); err != nil {
 		fmt.Fprintf(os.Stderr, "crash child: %v\n", err)
@@ -549,12 +556,16 @@ func firstDiff(a, b []byte) int {
 
 // TestCrashResizeCutShort: a grow commits the new size to the manifest before the top
 // file follows. After a crash in between, the volume must still open (the top is grown
-// then), and an offline snapshot or clone must not freeze the short file (which would make
-// every chain over it unopenable).
+// then), and a snapshot or clone must not freeze the short file (which would make every
+// chain over it unopenable), also of a held (composed, attached) volume, whose snapshots
+// clone the top file.
 func TestCrashResizeCutShort(t *testing.T) {
-	for _, then := range []string{"open", "snapshot", "clone"} {
+	for _, then := range []string{"open", "snapshot", "clone", "snapshot-held", "clone-held"} {
 		t.Run(then, func(t *testing.T) {
 			dir := t.TempDir()
+			if strings.HasSuffix(then, "-held") {
+				dir = testfs.Mount(t, "xfs", 0) // snapshots of a held volume clone its top file
+			}
 			st, err := cow.OpenStore(filepath.Join(dir, "store"))
 			if err != nil {
 				t.Fatal(err)
@@ -573,6 +584,19 @@ func TestCrashResizeCutShort(t *testing.T) {
 			}
 			if err := c.Close(); err != nil {
 				t.Fatal(err)
+			}
+			release := func() {}
+			if strings.HasSuffix(then, "-held") {
+				r, err := st.Hold("vol")
+				if err != nil {
+					t.Fatal(err)
+				}
+				release = sync.OnceFunc(r)
+				t.Cleanup(release)
+				if err := st.Compose("vol"); err != nil {
+					t.Fatal(err)
+				}
+				then = strings.TrimSuffix(then, "-held")
 			}
 			// The crash: the manifest says 6 blocks, the top file still has 4.
 			info, err := st.Info("vol")
@@ -596,6 +620,7 @@ func TestCrashResizeCutShort(t *testing.T) {
 				}
 				names = append(names, "clone")
 			}
+			release()
 			for _, name := range names {
 				if got := readAll(t, st, name); !bytes.Equal(got, want) {
 					t.Fatalf("%s: %d bytes, differs at %d", name, len(got), firstDiff(got, want))

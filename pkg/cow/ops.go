@@ -92,13 +92,14 @@ func (s *Store) freezeTop(m *manifest, volume, snap string, labels map[string]st
 	if old == nil || old.State != Active {
 		return "", fmt.Errorf("%w: volume %s has no active top", ErrCorrupt, volume)
 	}
-	if s.isHeld(volume) { // its top is attached as a file: it must stay the top
-		return s.snapshotOpaqueTop(m, volume, snap, labels)
-	}
 	// A frozen layer must have its manifest size, but a grow is committed before the top
-	// file follows (resizeTop): finish one that a crash cut short.
+	// file follows (resizeTop): finish one that a crash cut short. A held top too: its
+	// snapshot is a clone of the file as it is.
 	if err := finishGrow(s.layerPath(v.Top), old.Size); err != nil {
 		return "", err
+	}
+	if s.isHeld(volume) { // its top is attached as a file: it must stay the top
+		return s.snapshotOpaqueTop(m, volume, snap, labels)
 	}
 	if sync {
 		if err := syncFile(s.layerPath(v.Top)); err != nil {
