@@ -96,8 +96,11 @@ func (ps *procs) stopAll(grace time.Duration) {
 }
 
 // tail is the end of a component's log, for failure messages.
-func (p *proc) tail(n int) string {
-	data, err := os.ReadFile(p.log)
+func (p *proc) tail(n int) string { return tailFile(p.log, n) }
+
+// tailFile is the last n lines of a file.
+func tailFile(path string, n int) string {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return err.Error()
 	}
