@@ -22,6 +22,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/rawcow/csi-rawcow/internal/testfs"
 	"github.com/rawcow/csi-rawcow/pkg/driver"
 )
 
@@ -538,7 +539,7 @@ func TestKustomizeRenders(t *testing.T) {
 	}
 	if _, err := os.Stat(kubectl); err != nil {
 		if kubectl, err = exec.LookPath("kubectl"); err != nil {
-			t.Skip("no kubectl (test/e2e/build-k8s.sh builds one)")
+			testfs.Skip(t, "no kubectl (test/e2e/build-k8s.sh builds one)")
 		}
 	}
 	t.Logf("using %s", kubectl)
