@@ -144,6 +144,8 @@ func (s *Store) txLocked(fn func(m *manifest) error) (moved bool, err error) {
 		return false, err
 	}
 	defer lk.Close()
+	_, statErr := os.Stat(s.manifestPath())
+	missing := errors.Is(statErr, fs.ErrNotExist) // a new store: written even if fn changes nothing
 	m, err := readManifest(s.manifestPath())
 	if err != nil {
 		return false, err
@@ -155,7 +157,7 @@ func (s *Store) txLocked(fn func(m *manifest) error) (moved bool, err error) {
 	if err := fn(m); err != nil {
 		return false, err
 	}
-	if after, err := json.Marshal(m); err != nil || !bytes.Equal(before, after) {
+	if after, err := json.Marshal(m); err != nil || missing || !bytes.Equal(before, after) {
 		if err := m.write(s.manifestPath()); err != nil {
 			return false, err
 		}
