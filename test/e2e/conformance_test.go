@@ -99,7 +99,7 @@ func TestExternalStorage(t *testing.T) {
 	if werr := os.WriteFile(filepath.Join(report, "summary.txt"), []byte(summary), 0o644); werr != nil {
 		t.Error(werr)
 	}
-	t.Log(summary)
+	fmt.Fprint(os.Stderr, summary) // in CI's log too, which runs without -v
 	for _, f := range sum.failed {
 		t.Errorf("FAILED: %s", f)
 	}
