@@ -72,13 +72,15 @@ for tool in fio losetup qemu-img qemu-storage-daemon go python3 mkfs.ext4; do
 done
 
 WORK="$(mktemp -d "$DIR/rawcow-fio.XXXXXX")"
-LOOPS=() SERVER_PID="" QSD_PID="" RAMDEV="" RAMIMG="" QMNT=""
+LOOPS=() ATTACHED=() SERVER_PID="" QSD_PID="" RAMDEV="" RAMIMG="" QMNT=""
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 
 cleanup() {
 	set +e
 	log "cleaning up"
 	for dev in "${LOOPS[@]}"; do losetup -d "$dev" 2>/dev/null; done
+	# composed devices outlive their server by design (a restarted server adopts them)
+	for name in "${ATTACHED[@]}"; do "$BIN" detach --run-dir "$R" "$name" 2>/dev/null; done
 	if [[ -n $SERVER_PID ]]; then
 		kill -TERM "$SERVER_PID" 2>/dev/null
 		wait "$SERVER_PID" 2>/dev/null
@@ -183,6 +185,7 @@ attach_loop() { # ARRAY CONFIG FILE: a loop device with direct I/O and 4096-byte
 attach_loop DEV a "$DATA/plain.raw"
 WDEV[a]=${DEV[a]} # overwrites in place: the raw file reads the same afterwards
 for d in 1 16 128; do
+	ATTACHED+=("d$d" "w$d")
 	DEV[b$d]="$("$BIN" attach --run-dir "$R" --presentation "$PRESENTATION" "d$d")"
 	WDEV[b$d]="$("$BIN" attach --run-dir "$R" --presentation "$PRESENTATION" "w$d")"
 	PID[b$d]=$SERVER_PID
