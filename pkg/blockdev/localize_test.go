@@ -166,8 +166,10 @@ func TestAttachOverFarBaseNoSpace(t *testing.T) {
 	if err := srv.Detach("vol"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := srv.Attach("vol", blockdev.AttachOptions{Presentation: blockdev.PresentComposed}); err == nil || !strings.Contains(err.Error(), "no space left") || !strings.Contains(err.Error(), base) {
-		t.Fatalf("composed attach over a base that does not fit: %v, want ENOSPC naming %s", err, base)
+	// refused before copying anything ("bytes free": the free-space check, not ENOSPC mid-copy)
+	if _, err := srv.Attach("vol", blockdev.AttachOptions{Presentation: blockdev.PresentComposed}); err == nil ||
+		!strings.Contains(err.Error(), "no space left") || !strings.Contains(err.Error(), base) || !strings.Contains(err.Error(), "bytes free") {
+		t.Fatalf("composed attach over a base that does not fit: %v, want ENOSPC naming %s, found before copying", err, base)
 	}
 	after, err := os.ReadDir(filepath.Join(st.Dir(), "layers"))
 	if err != nil {

@@ -88,6 +88,15 @@ func (s *Store) LocalizeBase(ref string, progress func(done, total int64)) (Base
 	if before.Dev == store.Dev {
 		return res.allocated(), nil
 	}
+	// Refuse at once what cannot fit, rather than after copying gigabytes (the copy takes
+	// about what the source has allocated).
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(layers, &sfs); err != nil {
+		return res, fmt.Errorf("localize base %s: %w", src, err)
+	}
+	if need, free := before.Blocks*512, int64(sfs.Bavail)*sfs.Bsize; need > free {
+		return res, fmt.Errorf("localize base %s: %w: it has %d bytes of data, the store %d bytes free", src, unix.ENOSPC, need, free)
+	}
 
 	// A leading dot: the tidy-up of a transaction leaves the file alone while it is being
 	// written (it is young), and removes it an hour after a crash.
