@@ -15,13 +15,12 @@ import (
 // claim, or an expansion while the volume was not staged. Staging grows it before the pod
 // sees it, so the pod always gets the size it asked for.
 
-// growUnmountedExt grows an unmounted ext3/ext4 file system on dev to the device's size.
-// Offline, resize2fs needs a freshly checked file system but no CAP_SYS_RESOURCE, which a
-// mounted ext4 needs and some hosts do not grant even to root.
-func growUnmountedExt(ex utilexec.Interface, dev string) error {
-	format, err := diskFormat(ex, dev)
-	if err != nil || (format != "ext3" && format != "ext4") {
-		return err
+// growUnmountedExt grows an unmounted ext3/ext4 file system (format, per diskFormat) on dev
+// to the device's size. Offline, resize2fs needs a freshly checked file system but no
+// CAP_SYS_RESOURCE, which a mounted ext4 needs and some hosts do not grant even to root.
+func growUnmountedExt(ex utilexec.Interface, dev, format string) error {
+	if format != "ext3" && format != "ext4" {
+		return nil
 	}
 	fsBytes, blockSize, err := extSize(ex, dev)
 	if err != nil {
@@ -48,17 +47,15 @@ func growUnmountedExt(ex utilexec.Interface, dev string) error {
 	return nil
 }
 
-// growMounted grows a mounted xfs or btrfs to its device's size (those grow only mounted,
-// and need no special capability); ext3/ext4 were grown before mounting.
-func growMounted(ex utilexec.Interface, dev, path string) error {
-	format, err := diskFormat(ex, dev)
-	if err != nil || (format != "xfs" && format != "btrfs") {
-		return err
+// growMounted grows a mounted xfs or btrfs (format, as found before mounting) to its
+// device's size: those grow only mounted, need no special capability, and xfs_growfs and
+// btrfs resize max do nothing to one that has it already. ext3/ext4 were grown before
+// mounting.
+func growMounted(ex utilexec.Interface, format, dev, path string) error {
+	if format != "xfs" && format != "btrfs" {
+		return nil
 	}
-	if need, err := mount.NewResizeFs(ex).NeedResize(dev, path); err != nil || !need {
-		return err
-	}
-	_, err = mount.NewResizeFs(ex).Resize(dev, path)
+	_, err := mount.NewResizeFs(ex).Resize(dev, path)
 	return err
 }
 

@@ -145,22 +145,26 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return fail(status.Errorf(codes.Internal, "%v", err))
 	}
-	// (a device mounted elsewhere is in use: never check or resize it from under that user)
+	// Only a file system that was there before staging can be smaller than its volume (one
+	// formatted now has the device's size); a device mounted elsewhere is in use: never check
+	// or resize it from under that user.
+	format := ""
 	if !readOnly && len(mounts) == 0 {
-		if err := growUnmountedExt(d.exec, a.Device); err != nil {
+		if format, err = diskFormat(d.exec, a.Device); err == nil {
+			err = growUnmountedExt(d.exec, a.Device, format)
+		}
+		if err != nil {
 			return fail(status.Errorf(codes.Internal, "grow the file system of %s: %v", req.VolumeId, err))
 		}
 	}
 	if err := d.mounter.FormatAndMount(a.Device, req.StagingTargetPath, fsType, opts); err != nil {
 		return fail(status.Errorf(codes.Internal, "format and mount %s at %s: %v", a.Device, req.StagingTargetPath, err))
 	}
-	if !readOnly {
-		if err := growMounted(d.exec, a.Device, req.StagingTargetPath); err != nil {
-			if uerr := mount.CleanupMountPoint(req.StagingTargetPath, d.mounter, true); uerr != nil {
-				err = fmt.Errorf("%w (and unmounting again: %v)", err, uerr)
-			}
-			return fail(status.Errorf(codes.Internal, "grow the file system of %s: %v", req.VolumeId, err))
+	if err := growMounted(d.exec, format, a.Device, req.StagingTargetPath); err != nil {
+		if uerr := mount.CleanupMountPoint(req.StagingTargetPath, d.mounter, true); uerr != nil {
+			err = fmt.Errorf("%w (and unmounting again: %v)", err, uerr)
 		}
+		return fail(status.Errorf(codes.Internal, "grow the file system of %s: %v", req.VolumeId, err))
 	}
 	return &csi.NodeStageVolumeResponse{}, nil
 }
