@@ -72,7 +72,8 @@ func (l *Labeler) Run(ctx context.Context) error {
 func (l *Labeler) consider(ctx context.Context, u *unstructured.Unstructured) {
 	driver, _, _ := unstructured.NestedString(u.Object, "spec", "driver")
 	handle, _, _ := unstructured.NestedString(u.Object, "spec", "source", "snapshotHandle")
-	if driver != l.Driver || handle == "" || u.GetLabels()[ManagedBy] != "" || !l.Owns(handle) {
+	// (the informer lists only contents without the label)
+	if driver != l.Driver || handle == "" || !l.Owns(handle) {
 		return
 	}
 	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"labels": map[string]string{ManagedBy: l.Node}}})

@@ -81,7 +81,9 @@ spec:
 `, name, class, mode, size)
 }
 
-func podWithFS(name, claim, script string) string {
+// testPod is a busybox pod running command with claim attached as attach says (a
+// volumeMounts or volumeDevices line naming the volume d).
+func testPod(name, claim, command, attach string) string {
 	return fmt.Sprintf(`apiVersion: v1
 kind: Pod
 metadata: {name: %s}
@@ -91,10 +93,14 @@ spec:
   - name: c
     image: %s
     imagePullPolicy: IfNotPresent
-    command: ["sh", "-c", %q]
-    volumeMounts: [{name: d, mountPath: /data}]
+    command: %s
+    %s
   volumes: [{name: d, persistentVolumeClaim: {claimName: %s}}]
-`, name, busyboxImage, script, claim)
+`, name, busyboxImage, command, attach, claim)
+}
+
+func podWithFS(name, claim, script string) string {
+	return testPod(name, claim, fmt.Sprintf(`["sh", "-c", %q]`, script), "volumeMounts: [{name: d, mountPath: /data}]")
 }
 
 // Flow 1: a Filesystem claim (WaitForFirstConsumer) is created on the pod's node, a pod
@@ -130,19 +136,7 @@ func TestFilesystemPersists(t *testing.T) {
 }
 
 func podWithBlock(name, claim string) string {
-	return fmt.Sprintf(`apiVersion: v1
-kind: Pod
-metadata: {name: %s}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: c
-    image: %s
-    imagePullPolicy: IfNotPresent
-    command: ["sleep", "3600"]
-    volumeDevices: [{name: d, devicePath: /dev/xvda}]
-  volumes: [{name: d, persistentVolumeClaim: {claimName: %s}}]
-`, name, busyboxImage, claim)
+	return testPod(name, claim, `["sleep", "3600"]`, "volumeDevices: [{name: d, devicePath: /dev/xvda}]")
 }
 
 // Flow 2: a Block claim (the KubeVirt VM-disk shape): a pod writes a pattern to the raw
