@@ -24,6 +24,7 @@ type openLayer struct {
 	id   string
 	meta LayerMeta
 	f    *os.File
+	view layerView // reads once the layer no longer changes (not the top)
 }
 
 // Chain is an open volume or snapshot: the merged view of its layers, readable and (for a
@@ -120,7 +121,7 @@ func (c *Chain) readLocked(p []byte, off int64) error {
 		c.idxMu.RUnlock()
 		n := end - off
 		if ok && st.cur.hasData() {
-			if err := preadFull(c.layers[st.cur.layer()].f, p[:n], off); err != nil {
+			if err := c.readLayer(st.cur.layer(), p[:n], off); err != nil {
 				return err
 			}
 		} else {
@@ -129,6 +130,18 @@ func (c *Chain) readLocked(p []byte, off int64) error {
 		p, off = p[n:], end
 	}
 	return nil
+}
+
+// readLayer reads p at off from layer i: through its mapping when the layer no longer
+// changes, with pread from the writable top and from a file that is not mapped.
+func (c *Chain) readLayer(i int, p []byte, off int64) error {
+	l := c.layers[i]
+	if i != c.top && len(p) <= mapReadMax {
+		if mem := l.view.get(l.f); off+int64(len(p)) <= int64(len(mem)) {
+			return copyMapped(p, mem[off:], l.f.Name(), off)
+		}
+	}
+	return preadFull(l.f, p, off)
 }
 
 // preadFull reads len(p) bytes at off; what lies past the end of the file reads as zero
@@ -485,7 +498,7 @@ func (c *Chain) Close() error {
 	c.closed = true
 	for _, l := range c.layers {
 		if l != nil {
-			err = errors.Join(err, l.f.Close())
+			err = errors.Join(err, l.view.close(), l.f.Close())
 		}
 	}
 	if c.lockFile != nil {
