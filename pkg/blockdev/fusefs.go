@@ -2,7 +2,6 @@ package blockdev
 
 import (
 	"errors"
-	"io"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -184,12 +183,57 @@ func (fs *chainFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Re
 	if f == nil {
 		return nil, fuse.EBADF
 	}
-	n, err := f.chain.ReadAt(buf[:in.Size], int64(in.Offset))
-	if err != nil && !errors.Is(err, io.EOF) {
+	r := viewResults.Get().(*viewResult)
+	view, err := f.chain.ReadView(buf[:in.Size], int64(in.Offset), r.pieces[:0])
+	if err != nil {
+		viewResults.Put(r)
 		klog.ErrorS(err, "Read failed", "name", f.name, "offset", in.Offset, "size", in.Size)
 		return nil, errnoOf(err)
 	}
-	return fuse.ReadResultData(buf[:n]), fuse.OK
+	r.pieces, r.chain, r.size = view, f.chain, 0
+	for _, p := range view {
+		r.size += len(p)
+	}
+	if r.size == 0 { // go-fuse calls Done only for a reply with data
+		r.Done()
+		return fuse.ReadResultData(nil), fuse.OK
+	}
+	return r, fuse.OK
+}
+
+// viewResult is a read's reply as the engine's view of it: pieces of mapped layers in place,
+// written to the kernel in one writev (go-fuse's vectored reply, for a result with Slices), so
+// that data from frozen layers and bases is copied once, by the kernel, into the reader's pages.
+// The chain stays read-locked until go-fuse calls Done after the write.
+type viewResult struct {
+	pieces [][]byte
+	chain  *cow.Chain
+	size   int
+}
+
+var viewResults = sync.Pool{New: func() any { return &viewResult{pieces: make([][]byte, 0, 16)} }}
+
+func (r *viewResult) Slices() ([][]byte, fuse.Status) { return r.pieces, fuse.OK }
+
+func (r *viewResult) Size() int { return r.size }
+
+// Bytes flattens the view, for a go-fuse path that cannot write vectors.
+func (r *viewResult) Bytes(buf []byte) ([]byte, fuse.Status) {
+	if cap(buf) < r.size {
+		buf = make([]byte, r.size)
+	}
+	buf = buf[:0]
+	for _, p := range r.pieces {
+		buf = append(buf, p...)
+	}
+	return buf, fuse.OK
+}
+
+func (r *viewResult) Done() {
+	r.chain.EndView()
+	clear(r.pieces) // drop references to the mappings and the request buffer
+	r.pieces, r.chain = r.pieces[:0], nil
+	viewResults.Put(r)
 }
 
 func (fs *chainFS) Write(_ <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {

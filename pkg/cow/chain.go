@@ -95,53 +95,110 @@ func (c *Chain) checkRange(off, n int64) error {
 func (c *Chain) ReadAt(p []byte, off int64) (int, error) {
 	c.io.RLock()
 	defer c.io.RUnlock()
-	if c.closed {
-		return 0, ErrClosed
+	n, eof := c.clampRead(off, len(p))
+	if eof != nil && eof != io.EOF {
+		return 0, eof
 	}
-	if off < 0 {
-		return 0, fmt.Errorf("%w: negative offset %d", ErrOutOfRange, off)
-	}
-	var eof error
-	if off >= c.size {
-		return 0, io.EOF
-	}
-	if rest := c.size - off; int64(len(p)) > rest {
-		p, eof = p[:rest], io.EOF
-	}
-	if err := c.readLocked(p, off); err != nil {
+	if err := c.readLocked(p[:n], off, nil); err != nil {
 		return 0, err
 	}
-	return len(p), eof
+	return n, eof
 }
 
-func (c *Chain) readLocked(p []byte, off int64) error {
-	for len(p) > 0 {
+// maxViewPieces bounds the slices of one view: a reply is one writev, of at most 1024 vectors.
+const maxViewPieces = 512
+
+// ReadView is ReadAt without the copy, for a server that replies with a vectored write: it
+// appends [off, off+len(buf)) of the merged view to view as slices in order, pieces of mapped
+// layers in place and the rest read into buf. A read past the end returns what exists.
+//
+// On success the chain stays read-locked, so that no snapshot, resize or close can start,
+// until EndView: the slices are valid until then, and EndView must follow every ReadView that
+// returned no error.
+func (c *Chain) ReadView(buf []byte, off int64, view [][]byte) ([][]byte, error) {
+	c.io.RLock()
+	n, err := c.clampRead(off, len(buf))
+	if err == io.EOF {
+		err = nil
+	}
+	if err == nil {
+		err = c.readLocked(buf[:n], off, &view)
+	}
+	if err != nil {
+		c.io.RUnlock()
+		return nil, err
+	}
+	return view, nil
+}
+
+// EndView releases the chain after ReadView.
+func (c *Chain) EndView() { c.io.RUnlock() }
+
+// clampRead returns how much of a read of n bytes at off the chain holds, and io.EOF when that
+// is less than n.
+func (c *Chain) clampRead(off int64, n int) (int, error) {
+	switch {
+	case c.closed:
+		return 0, ErrClosed
+	case off < 0:
+		return 0, fmt.Errorf("%w: negative offset %d", ErrOutOfRange, off)
+	case off >= c.size:
+		return 0, io.EOF
+	case int64(n) > c.size-off:
+		return int(c.size - off), io.EOF
+	}
+	return n, nil
+}
+
+// readLocked reads [off, off+len(p)) into p. With view, pieces that a mapped layer serves are
+// appended to *view in place instead, and the rest of p in runs between them.
+func (c *Chain) readLocked(p []byte, off int64, view *[][]byte) error {
+	run := 0 // start in p of what is read into p and not yet in *view
+	for at := 0; at < len(p); {
 		c.idxMu.RLock()
-		end, st, ok := c.idx.lookup(off, off+int64(len(p)))
+		end, st, ok := c.idx.lookup(off, off+int64(len(p)-at))
 		c.idxMu.RUnlock()
-		n := end - off
-		if ok && st.cur.hasData() {
-			if err := c.readLayer(st.cur.layer(), p[:n], off); err != nil {
-				return err
+		n := int(end - off)
+		if !ok || !st.cur.hasData() {
+			clear(p[at : at+n])
+		} else if mem := c.mapped(st.cur.layer(), off, n); view != nil && mem != nil && len(*view) < maxViewPieces-2 {
+			if run < at {
+				*view = append(*view, p[run:at])
 			}
-		} else {
-			clear(p[:n])
+			*view = append(*view, mem)
+			run = at + n
+		} else if err := c.readLayer(st.cur.layer(), mem, p[at:at+n], off); err != nil {
+			return err
 		}
-		p, off = p[n:], end
+		at, off = at+n, end
+	}
+	if view != nil && run < len(p) {
+		*view = append(*view, p[run:])
 	}
 	return nil
 }
 
-// readLayer reads p at off from layer i: through its mapping when the layer no longer
-// changes, with pread from the writable top and from a file that is not mapped.
-func (c *Chain) readLayer(i int, p []byte, off int64) error {
+// mapped returns layer i's bytes [off, off+n) in place, or nil when they are read with pread:
+// from the writable top, from a file that is not mapped, and in pieces over mapReadMax of a
+// store layer (whose mapping does no read-around; pread's readahead serves those better cold).
+func (c *Chain) mapped(i int, off int64, n int) []byte {
 	l := c.layers[i]
-	if i != c.top && len(p) <= mapReadMax {
-		if mem := l.view.get(l.f); off+int64(len(p)) <= int64(len(mem)) {
-			return copyMapped(p, mem[off:], l.f.Name(), off)
-		}
+	sparse := l.meta.State != Base
+	if i == c.top || sparse && n > mapReadMax {
+		return nil
 	}
-	return preadFull(l.f, p, off)
+	if mem := l.view.get(l.f, sparse); off+int64(n) <= int64(len(mem)) {
+		return mem[off : off+int64(n)]
+	}
+	return nil
+}
+
+// readLayer reads p at off from layer i: a copy of mem, its mapped bytes, when there are.
+func (c *Chain) readLayer(i int, mem, p []byte, off int64) error {
+	if mem != nil {
+		return copyMapped(p, mem, c.layers[i].f.Name(), off)
+	}
+	return preadFull(c.layers[i].f, p, off)
 }
 
 // preadFull reads len(p) bytes at off; what lies past the end of the file reads as zero
@@ -252,7 +309,7 @@ func (c *Chain) writePartial(p []byte, off int64) error {
 	}
 	buf := blockPool.Get().(*[BlockSize]byte)
 	defer blockPool.Put(buf)
-	if err := c.readLocked(buf[:], blk); err != nil {
+	if err := c.readLocked(buf[:], blk, nil); err != nil {
 		return err
 	}
 	copy(buf[off-blk:], p)

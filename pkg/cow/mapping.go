@@ -48,7 +48,11 @@ var fileMaps = mapRegistry{files: map[mapKey]*fileMap{}}
 // acquire returns a read-only mapping of all of f, shared with other callers for the same
 // file, or nil when f cannot be mapped (empty, over budget, a file system without mmap):
 // the caller then reads with pread. Each non-nil result is given back with release.
-func (r *mapRegistry) acquire(f *os.File) ([]byte, mapKey) {
+//
+// sparse marks a store layer: its data is scattered blocks, and a fault must read the one
+// page it needs (MADV_RANDOM), not the 128 KiB around it that read-around would fill with
+// zeros of holes. A base keeps the kernel's read-around: it is mostly dense.
+func (r *mapRegistry) acquire(f *os.File, sparse bool) ([]byte, mapKey) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size <= 0 {
 		return nil, mapKey{}
@@ -66,6 +70,9 @@ func (r *mapRegistry) acquire(f *os.File) ([]byte, mapKey) {
 	mem, err := unix.Mmap(int(f.Fd()), 0, int(st.Size), unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
 		return nil, mapKey{}
+	}
+	if sparse {
+		unix.Madvise(mem, unix.MADV_RANDOM) // advice: a failure only costs read-around
 	}
 	r.files[key] = &fileMap{mem: mem, refs: 1}
 	r.mapped += st.Size
@@ -105,8 +112,8 @@ type layerView struct {
 	key  mapKey
 }
 
-func (v *layerView) get(f *os.File) []byte {
-	v.once.Do(func() { v.mem, v.key = fileMaps.acquire(f) })
+func (v *layerView) get(f *os.File, sparse bool) []byte {
+	v.once.Do(func() { v.mem, v.key = fileMaps.acquire(f, sparse) })
 	return v.mem
 }
 

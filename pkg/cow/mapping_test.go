@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -176,4 +178,96 @@ func TestMappedReadFault(t *testing.T) {
 	if _, err := c.ReadAt(buf, 2*mib); err != nil || buf[0] != 0xb1 {
 		t.Fatalf("read from the snapshot's layer after the fault: %v", err)
 	}
+}
+
+// ReadView returns the same bytes as ReadAt, pieces of mapped layers in place, whatever the
+// mix of top, frozen, base and holes, also when the read has more pieces than a view holds.
+func TestReadView(t *testing.T) {
+	st, _, _ := mappedFixture(t)
+	c, err := st.Open("a", OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Every other block of the base's first 4 MiB in the top: 1024 pieces alternate there.
+	for off := int64(0); off < 4*mib; off += 2 * BlockSize {
+		if _, err := c.WriteAt(bytes.Repeat([]byte{byte(off>>13) | 1}, BlockSize), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := readAll(t, c, int(mib))
+	for _, r := range []struct{ off, n int64 }{
+		{0, 4 * mib}, // more pieces than a view holds
+		{2*mib - BlockSize - 100, 3*BlockSize + 300},
+		{8*mib - 5000, mib}, // hole, base data, the zero-list entry at 9M
+		{12 * mib, 64 << 10},
+		{32*mib - 1000, 4096}, // past the end: what exists
+	} {
+		buf := make([]byte, r.n)
+		view, err := c.ReadView(buf, r.off, nil)
+		if err != nil {
+			t.Fatalf("view [%d, +%d): %v", r.off, r.n, err)
+		}
+		got, inPlace := []byte{}, 0
+		for _, p := range view {
+			got = append(got, p...)
+			if !within(p, buf) {
+				inPlace++
+			}
+		}
+		c.EndView()
+		end := min(r.off+r.n, 32*mib)
+		if !bytes.Equal(got, want[r.off:end]) {
+			t.Fatalf("view [%d, +%d): %d bytes in %d pieces differ from ReadAt", r.off, r.n, len(got), len(view))
+		}
+		if len(view) > maxViewPieces {
+			t.Fatalf("view [%d, +%d) has %d pieces, the bound is %d", r.off, r.n, len(view), maxViewPieces)
+		}
+		t.Logf("view [%d, +%d): %d pieces, %d of them in place", r.off, r.n, len(view), inPlace)
+		if r.off == 0 && inPlace == 0 {
+			t.Fatal("no piece of the base was returned in place")
+		}
+	}
+}
+
+// within reports whether p lies inside buf.
+func within(p, buf []byte) bool {
+	if len(p) == 0 {
+		return true
+	}
+	b0 := uintptr(unsafe.Pointer(unsafe.SliceData(buf)))
+	p0 := uintptr(unsafe.Pointer(unsafe.SliceData(p)))
+	return p0 >= b0 && p0+uintptr(len(p)) <= b0+uintptr(len(buf))
+}
+
+// A view holds the chain: Close waits for EndView, so the mappings outlive every reply.
+func TestReadViewHoldsChain(t *testing.T) {
+	st, _, want := mappedFixture(t)
+	c, err := st.OpenSnapshot("snap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	view, err := c.ReadView(make([]byte, mib), mib, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan error)
+	go func() { closed <- c.Close() }()
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) while a view was out", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	var got []byte
+	for _, p := range view {
+		got = append(got, p...)
+	}
+	if !bytes.Equal(got, want["snap"][mib:2*mib]) {
+		t.Fatal("the view changed while held")
+	}
+	c.EndView()
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	wantMapped(t, 0, 0)
 }
