@@ -12,6 +12,10 @@
 // files in one manifest that is replaced atomically. Snapshots and clones add a layer
 // and never copy data. docs/FORMAT.md describes the on-disk format.
 //
+// Layers that no longer change (frozen layers, bases) are read through shared read-only
+// mappings, one per file and process (mapping.go); ReadView hands those bytes out in place
+// for a server that replies with a vectored write.
+//
 // The package knows nothing of CSI, FUSE or loop devices: a Chain is an
 // io.ReaderAt/io.WriterAt with a few verbs more (Discard, WriteZeroes, Flush, Snapshot).
 package cow
