@@ -17,22 +17,48 @@ import (
 // frozen layer, or punches out of it, is what the mapping shows.
 //
 // A process maps each file once (by device and inode), however many chains read it: a golden
-// image under fifty clones is one mapping. Page tables cost up to 1/512 of the span of a
-// mapping that reads touch (one 4 KiB table per 2 MiB), so mapped spans are capped per process
-// at mapBudget; past it, layers are read with pread as before.
+// image under fifty clones is one mapping. Mappings cost page tables where reads touch them:
+// one 4 KiB table per 2 MiB region. Reads only touch a layer's data, so a layer's cost is
+// bounded by the 2 MiB regions that hold its data (mapSpan), known when it is opened; mapped
+// spans are capped per process at mapBudget, and past it layers are read with pread as before.
 
-// mapBudget caps the bytes of files mapped by a process: page tables for them stay under
-// 512 MiB, and the address space (128 TiB) is not at risk. A variable so tests can lower it.
+// mapBudget caps the sum of mapped files' spans (mapSpan): their page tables stay under
+// 512 MiB. A variable so tests can lower it.
 var mapBudget int64 = 256 << 30
 
-var mapReadMax = 256 << 10
+// mapRegion is the span one page table covers.
+const mapRegion = 2 << 20
+
+// mapSpan is the bytes of the mapRegion-aligned regions that hold data (extents sorted):
+// what reads through a mapping of the file can cover with page tables.
+func mapSpan(data []Extent) int64 {
+	var span, last int64 = 0, -1 // last: start of the last region counted
+	for _, e := range data {
+		first := e.Off &^ (mapRegion - 1)
+		if first <= last {
+			first = last + mapRegion
+		}
+		if end := e.End(); first < end {
+			last = (end - 1) &^ (mapRegion - 1)
+			span += last - first + mapRegion
+		}
+	}
+	return span
+}
+
+// mapReadMax is the largest piece of a store layer read through its mapping. Such a mapping
+// does no read-around (MADV_RANDOM), so a cold piece faults page by page; a larger piece pays
+// for its pread, whose readahead serves cold data better.
+const mapReadMax = 256 << 10
 
 // mapKey identifies a file whatever path or fd reaches it.
 type mapKey struct{ dev, ino uint64 }
 
-// fileMap is one mapped file and the number of open layers reading through it.
+// fileMap is one mapped file, its span (mapSpan) and the number of open layers reading
+// through it.
 type fileMap struct {
 	mem  []byte
+	span int64
 	refs int
 }
 
@@ -51,8 +77,9 @@ var fileMaps = mapRegistry{files: map[mapKey]*fileMap{}}
 //
 // sparse marks a store layer: its data is scattered blocks, and a fault must read the one
 // page it needs (MADV_RANDOM), not the 128 KiB around it that read-around would fill with
-// zeros of holes. A base keeps the kernel's read-around: it is mostly dense.
-func (r *mapRegistry) acquire(f *os.File, sparse bool) ([]byte, mapKey) {
+// zeros of holes. A base keeps the kernel's read-around: it is mostly dense. span is what the
+// mapping counts against mapBudget.
+func (r *mapRegistry) acquire(f *os.File, sparse bool, span int64) ([]byte, mapKey) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size <= 0 {
 		return nil, mapKey{}
@@ -64,7 +91,7 @@ func (r *mapRegistry) acquire(f *os.File, sparse bool) ([]byte, mapKey) {
 		m.refs++
 		return m.mem, key
 	}
-	if r.mapped+st.Size > mapBudget {
+	if r.mapped+span > mapBudget {
 		return nil, mapKey{}
 	}
 	mem, err := unix.Mmap(int(f.Fd()), 0, int(st.Size), unix.PROT_READ, unix.MAP_SHARED)
@@ -74,8 +101,8 @@ func (r *mapRegistry) acquire(f *os.File, sparse bool) ([]byte, mapKey) {
 	if sparse {
 		unix.Madvise(mem, unix.MADV_RANDOM) // advice: a failure only costs read-around
 	}
-	r.files[key] = &fileMap{mem: mem, refs: 1}
-	r.mapped += st.Size
+	r.files[key] = &fileMap{mem: mem, span: span, refs: 1}
+	r.mapped += span
 	return mem, key
 }
 
@@ -91,15 +118,15 @@ func (r *mapRegistry) release(key mapKey) error {
 		return nil
 	}
 	delete(r.files, key)
-	r.mapped -= int64(len(m.mem))
+	r.mapped -= m.span
 	if err := unix.Munmap(m.mem); err != nil {
 		return fmt.Errorf("unmap layer: %w", err)
 	}
 	return nil
 }
 
-// usage reports the mapped files and their bytes (for tests).
-func (r *mapRegistry) usage() (files int, bytes int64) {
+// usage reports the mapped files and their spans (for tests).
+func (r *mapRegistry) usage() (files int, span int64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return len(r.files), r.mapped
@@ -108,12 +135,13 @@ func (r *mapRegistry) usage() (files int, bytes int64) {
 // layerView is the mapping an immutable open layer reads through, made on its first read.
 type layerView struct {
 	once sync.Once
+	span int64  // mapSpan of the layer's data; its whole size when that is not known
 	mem  []byte // nil: read with pread
 	key  mapKey
 }
 
 func (v *layerView) get(f *os.File, sparse bool) []byte {
-	v.once.Do(func() { v.mem, v.key = fileMaps.acquire(f, sparse) })
+	v.once.Do(func() { v.mem, v.key = fileMaps.acquire(f, sparse, v.span) })
 	return v.mem
 }
 

@@ -70,10 +70,27 @@ func readAll(t *testing.T, c *Chain, n int) []byte {
 	return out
 }
 
-func wantMapped(t *testing.T, files int, bytes int64) {
+func wantMapped(t *testing.T, files int, span int64) {
 	t.Helper()
-	if f, b := fileMaps.usage(); f != files || b != bytes {
-		t.Fatalf("mapped: %d files of %d bytes, want %d files of %d bytes", f, b, files, bytes)
+	if f, s := fileMaps.usage(); f != files || s != span {
+		t.Fatalf("mapped: %d files spanning %d bytes, want %d files spanning %d bytes", f, s, files, span)
+	}
+}
+
+func TestMapSpan(t *testing.T) {
+	for _, c := range []struct {
+		data []Extent
+		want int64
+	}{
+		{nil, 0},
+		{[]Extent{{0, 4096}}, 2 * mib},
+		{[]Extent{{0, 4096}, {8192, 4096}, {2*mib - 4096, 8192}}, 4 * mib},
+		{[]Extent{{3 * mib, 2 * mib}}, 4 * mib},
+		{[]Extent{{mib, mib}, {2 * mib, 1}, {10 * mib, 4 * mib}}, 2*mib + 2*mib + 4*mib},
+	} {
+		if got := mapSpan(c.data); got != c.want {
+			t.Errorf("mapSpan(%v) = %d, want %d", c.data, got, c.want)
+		}
 	}
 }
 
@@ -102,8 +119,9 @@ func TestMappedReads(t *testing.T) {
 			}
 		}
 	}
-	// The base and the snapshot's layer, once each for three chains.
-	wantMapped(t, 2, farBaseSize+32*mib)
+	// The base and the snapshot's layer, once each for three chains; their spans are the 2 MiB
+	// regions that hold data: the base's at 0, 2, 8 and 24 MiB, the layer's at 0 and 2 MiB.
+	wantMapped(t, 2, 12*mib)
 
 	// The clone's writes land in its top and read back; its frozen layers stay as they were.
 	a := chains[0]
@@ -128,7 +146,7 @@ func TestMappedReads(t *testing.T) {
 	if _, err := a.ReadAt(got[:BlockSize], 2*mib); err != nil || !bytes.Equal(got[:BlockSize], bytes.Repeat([]byte{0xc3}, BlockSize)) {
 		t.Fatalf("read from the frozen old top: %v", err)
 	}
-	wantMapped(t, 3, farBaseSize+64*mib)
+	wantMapped(t, 3, 12*mib+32*mib) // the frozen top counts whole: its data is not at hand
 	for _, c := range chains {
 		if err := c.Close(); err != nil {
 			t.Fatal(err)
@@ -141,7 +159,7 @@ func TestMappedReads(t *testing.T) {
 func TestMappedReadsOverBudget(t *testing.T) {
 	st, _, want := mappedFixture(t)
 	defer func(b int64) { mapBudget = b }(mapBudget)
-	mapBudget = farBaseSize // the base fits, the snapshot's layer does not
+	mapBudget = 8 * mib // the base's span fits, the snapshot's layer's does not
 	c, err := st.Open("a", OpenOptions{ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
@@ -150,7 +168,7 @@ func TestMappedReadsOverBudget(t *testing.T) {
 	if got := readAll(t, c, 64<<10); !bytes.Equal(got, want["a"]) {
 		t.Fatal("read over budget differs from the export")
 	}
-	wantMapped(t, 1, farBaseSize)
+	wantMapped(t, 1, 8*mib)
 }
 
 // A base truncated behind the store's back faults in the mapping: the read fails with EIO,

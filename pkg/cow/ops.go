@@ -222,6 +222,8 @@ func (c *Chain) adopt(sw topSwitch) {
 		return
 	}
 	c.layers[c.top].meta.State = Frozen
+	// What the top holds now is not at hand without a walk of the index: count all of it.
+	c.layers[c.top].view.span = c.size
 	c.layers = append(c.layers, &openLayer{id: sw.newTop, meta: LayerMeta{Parent: sw.frozen, Size: c.size, State: Active}, f: sw.f})
 	c.top = len(c.layers) - 1
 	c.idxMu.Lock()

@@ -537,7 +537,7 @@ func (s *Store) openLayerFile(id string, meta *LayerMeta, writable bool) (l *ope
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s: %w", id, err)
 	}
-	return &openLayer{id: id, meta: *meta, f: f}, zeros, data, nil
+	return &openLayer{id: id, meta: *meta, f: f, view: layerView{span: mapSpan(data)}}, zeros, data, nil
 }
 
 // baseChanged fails with ErrBaseChanged when meta is a base and fi, the file at path, is not
