@@ -186,7 +186,7 @@ func (fs *chainFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Re
 	r := viewResults.Get().(*viewResult)
 	view, err := f.chain.ReadView(buf[:in.Size], int64(in.Offset), r.pieces[:0])
 	if err != nil {
-		viewResults.Put(r)
+		r.release()
 		klog.ErrorS(err, "Read failed", "name", f.name, "offset", in.Offset, "size", in.Size)
 		return nil, errnoOf(err)
 	}
@@ -231,7 +231,13 @@ func (r *viewResult) Bytes(buf []byte) ([]byte, fuse.Status) {
 
 func (r *viewResult) Done() {
 	r.chain.EndView()
-	clear(r.pieces) // drop references to the mappings and the request buffer
+	r.release()
+}
+
+// release returns r to the pool without references to mappings or request buffers, also
+// those a failed ReadView appended before it failed.
+func (r *viewResult) release() {
+	clear(r.pieces[:cap(r.pieces)])
 	r.pieces, r.chain = r.pieces[:0], nil
 	viewResults.Put(r)
 }

@@ -74,6 +74,8 @@ type manifest struct {
 	Layers    map[string]*LayerMeta    `json:"layers"`
 	Volumes   map[string]*VolumeMeta   `json:"volumes"`
 	Snapshots map[string]*SnapshotMeta `json:"snapshots"`
+
+	unwritten bool // read from a store that has no manifest file yet
 }
 
 // inStore reports whether the layer's file is the store's (layers/ID.raw): every layer but
@@ -97,7 +99,9 @@ func readManifest(path string) (*manifest, error) {
 		if layers, _ := filepath.Glob(filepath.Join(filepath.Dir(path), "layers", "*.raw")); len(layers) > 0 {
 			return nil, fmt.Errorf("%w: %s is missing but layers/ holds %d layer files", ErrCorrupt, path, len(layers))
 		}
-		return newManifest(), nil
+		m := newManifest()
+		m.unwritten = true
+		return m, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read manifest: %w", err)

@@ -144,8 +144,6 @@ func (s *Store) txLocked(fn func(m *manifest) error) (moved bool, err error) {
 		return false, err
 	}
 	defer lk.Close()
-	_, statErr := os.Stat(s.manifestPath())
-	missing := errors.Is(statErr, fs.ErrNotExist) // a new store: written even if fn changes nothing
 	m, err := readManifest(s.manifestPath())
 	if err != nil {
 		return false, err
@@ -157,7 +155,8 @@ func (s *Store) txLocked(fn func(m *manifest) error) (moved bool, err error) {
 	if err := fn(m); err != nil {
 		return false, err
 	}
-	if after, err := json.Marshal(m); err != nil || missing || !bytes.Equal(before, after) {
+	// (a new store's manifest is written even when fn changes nothing)
+	if after, err := json.Marshal(m); err != nil || m.unwritten || !bytes.Equal(before, after) {
 		if err := m.write(s.manifestPath()); err != nil {
 			return false, err
 		}
