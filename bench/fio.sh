@@ -3,7 +3,7 @@
 # device and a qcow2 overlay, in one run (docs/PERFORMANCE.md shows results).
 #
 #   bench/fio.sh [--quick] [--dir DIR] [--ram] [--rounds N] [--runtime S] [--presentation P]
-#                [--profile] [--profile-job CONFIG:NAME:RW:BS:IODEPTH] [--out FILE]
+#                [--profile] [--profile-job CONFIG:NAME:RW:BS:IODEPTH] [--only NAMES] [--out FILE]
 #
 # Run as root. On DIR (default: a fresh directory on the file system of /work, the
 # repository's parent) it makes a 4 GiB base image whose first half holds data, and measures
@@ -14,11 +14,14 @@
 #   b128  csi-rawcow: a clone at depth 128 (127 such layers)
 #   c     a qcow2 overlay over the base, exported by qemu-storage-daemon's FUSE export, with a
 #         loop device (direct I/O, 4096-byte sectors) on it
+#   f     the FUSE floor: a loop device on a 1 GiB file that bench/fusefloor serves from memory
+#         with csi-rawcow's mount options (reads answered in place, writes copied once, no
+#         engine, no file system): what any FUSE server can reach on this machine
 # Write jobs run on a second volume (or overlay) of each configuration, built the same way, so
 # that read jobs always see the chain as built, not what earlier write jobs left in the top.
-# in interleaved rounds (a b1 b16 b128 c, again, ...), and prints the medians: IOPS or MiB/s,
-# the ratio to (a), and the CPU the serving process used (csi-rawcow serve for b*,
-# qemu-storage-daemon for c; kernel threads are not counted).
+# in interleaved rounds (a f b1 b16 b128 c, again, ...), and prints the medians: IOPS or MiB/s,
+# the ratio to (a), and the CPU the serving process used (fusefloor for f, csi-rawcow serve for
+# b*, qemu-storage-daemon for c; kernel threads are not counted).
 #
 #   --quick       3 s per job instead of 10, 2 rounds
 #   --rounds N    rounds (default 3: round 1 writes allocate, later rounds overwrite)
@@ -34,13 +37,15 @@
 #   --presentation merged|composed|auto
 #                 how the b* volumes are attached (default merged: the FUSE view; composed
 #                 needs xfs or btrfs under DIR)
+#   --only NAMES  run only these jobs and configurations (comma-separated, e.g.
+#                 write-1m-qd8,a,f,b1); a is always measured, it is the baseline
 #   --out FILE    also write the results (markdown) to FILE
 #
 # Everything it makes is removed at exit (loop devices, server, qemu-storage-daemon, mounts,
 # files). On a file system mounted with -o discard, removing fragmented layers takes a while.
 set -euo pipefail
 
-QUICK=0 DIR="" RAM=0 ROUNDS="" RUNTIME="" PROFILE=0 OUT="" PRESENTATION=merged
+QUICK=0 DIR="" RAM=0 ROUNDS="" RUNTIME="" PROFILE=0 OUT="" PRESENTATION=merged ONLY=
 # CONFIG:name:rw:bs:iodepth of the jobs to profile
 PROFILE_JOBS=(b1:randread-4k-qd32:randread:4k:32 b1:read-1m-qd8:read:1m:8)
 while [[ $# -gt 0 ]]; do
@@ -54,6 +59,7 @@ while [[ $# -gt 0 ]]; do
 	--profile) PROFILE=1 ;;
 	--profile-job) PROFILE=1; PROFILE_JOBS+=("$2"); shift ;;
 	--out) OUT="$(realpath -m "$2")"; shift ;;
+	--only) ONLY=",$2,"; shift ;;
 	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	*) echo "fio.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
@@ -72,7 +78,7 @@ for tool in fio losetup qemu-img qemu-storage-daemon go python3 mkfs.ext4; do
 done
 
 WORK="$(mktemp -d "$DIR/rawcow-fio.XXXXXX")"
-LOOPS=() ATTACHED=() SERVER_PID="" QSD_PID="" RAMDEV="" RAMIMG="" QMNT=""
+LOOPS=() ATTACHED=() SERVER_PID="" QSD_PID="" FLOOR_PID="" RAMDEV="" RAMIMG="" QMNT=""
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 
 cleanup() {
@@ -85,10 +91,12 @@ cleanup() {
 		kill -TERM "$SERVER_PID" 2>/dev/null
 		wait "$SERVER_PID" 2>/dev/null
 	fi
-	if [[ -n $QSD_PID ]]; then
-		kill -TERM "$QSD_PID" 2>/dev/null
-		wait "$QSD_PID" 2>/dev/null
-	fi
+	for pid in "$QSD_PID" "$FLOOR_PID"; do
+		[[ -n $pid ]] || continue
+		kill -TERM "$pid" 2>/dev/null
+		wait "$pid" 2>/dev/null
+	done
+	mountpoint -q "$WORK/floor" 2>/dev/null && umount -l "$WORK/floor"
 	for m in "$QMNT-r" "$QMNT-w"; do [[ -n $QMNT ]] && mountpoint -q "$m" && umount "$m"; done
 	mountpoint -q "$WORK/run/fuse" 2>/dev/null && umount -l "$WORK/run/fuse"
 	local t0=$SECONDS
@@ -122,7 +130,8 @@ fi
 log "work directory $WORK (data on $(findmnt -no SOURCE,FSTYPE,OPTIONS -T "$DATA" | head -1))"
 
 BIN="$WORK/csi-rawcow"
-(cd "$REPO" && go build -o "$BIN" ./cmd/csi-rawcow && go build -o "$WORK/scatter" ./bench/scatter)
+(cd "$REPO" && go build -o "$BIN" ./cmd/csi-rawcow && go build -o "$WORK/scatter" ./bench/scatter &&
+	go build -o "$WORK/fusefloor" ./bench/fusefloor)
 
 # The base: 4 GiB, data in its first half (fio's random buffer content).
 BASE="$DATA/base.raw"
@@ -167,6 +176,12 @@ for _ in $(seq 100); do mountpoint -q "$QMNT-w" && break; sleep 0.1; done
 mountpoint -q "$QMNT-r" && mountpoint -q "$QMNT-w" ||
 	{ cat "$WORK/qsd.log" >&2; echo "fio.sh: qemu-storage-daemon did not export" >&2; exit 1; }
 
+# The FUSE floor.
+"$WORK/fusefloor" --mount "$WORK/floor" --size $((1 << 30)) >"$WORK/fusefloor.log" 2>&1 &
+FLOOR_PID=$!
+for _ in $(seq 100); do [[ -f $WORK/floor/disk ]] && break; sleep 0.1; done
+[[ -f $WORK/floor/disk ]] || { cat "$WORK/fusefloor.log" >&2; echo "fio.sh: fusefloor did not mount" >&2; exit 1; }
+
 # The server and its devices.
 R="$WORK/run"
 "$BIN" serve --store "$S" --run-dir "$R" >"$WORK/serve.log" 2>&1 &
@@ -184,6 +199,9 @@ attach_loop() { # ARRAY CONFIG FILE: a loop device with direct I/O and 4096-byte
 }
 attach_loop DEV a "$DATA/plain.raw"
 WDEV[a]=${DEV[a]} # overwrites in place: the raw file reads the same afterwards
+attach_loop DEV f "$WORK/floor/disk"
+WDEV[f]=${DEV[f]}
+PID[f]=$FLOOR_PID
 for d in 1 16 128; do
 	ATTACHED+=("d$d" "w$d")
 	DEV[b$d]="$("$BIN" attach --run-dir "$R" --presentation "$PRESENTATION" "d$d")"
@@ -193,7 +211,7 @@ done
 attach_loop DEV c "$QMNT-r"
 attach_loop WDEV c "$QMNT-w"
 PID[c]=$QSD_PID
-CONFIGS=(a b1 b16 b128 c)
+CONFIGS=(a f b1 b16 b128 c)
 for cfg in "${CONFIGS[@]}"; do
 	for dev in "${DEV[$cfg]}" "${WDEV[$cfg]}"; do
 		n="$(basename "$dev")"
@@ -204,6 +222,13 @@ done
 # name:rw:bs:iodepth
 JOBS=(randread-4k-qd1:randread:4k:1 randread-4k-qd32:randread:4k:32 read-1m-qd8:read:1m:8
 	randwrite-4k-qd1:randwrite:4k:1 randwrite-4k-qd32:randwrite:4k:32 write-1m-qd8:write:1m:8)
+if [[ -n $ONLY ]]; then # keep the named jobs and configurations (a always: the baseline)
+	keep=() for_jobs=()
+	for cfg in "${CONFIGS[@]}"; do [[ $cfg == a || $ONLY == *",$cfg,"* ]] && keep+=("$cfg"); done
+	((${#keep[@]} > 1)) && CONFIGS=("${keep[@]}")
+	for spec in "${JOBS[@]}"; do [[ $ONLY == *",${spec%%:*},"* ]] && for_jobs+=("$spec"); done
+	((${#for_jobs[@]} > 0)) && JOBS=("${for_jobs[@]}")
+fi
 
 cpu_ticks() { # PID -> utime+stime in clock ticks
 	awk '{print $14 + $15}' "/proc/$1/stat"
@@ -251,11 +276,12 @@ done
 # The table: medians over rounds.
 REPORT="$WORK/report.md"
 python3 - "$RESULTS" "$ROUNDS" "$RUNTIME" "$(nproc)" "$(uname -r)" \
-	"$(findmnt -no FSTYPE,SOURCE -T "$DATA" | head -1)" "$RAM" "$PRESENTATION" >"$REPORT" <<'EOF'
+	"$(findmnt -no FSTYPE,SOURCE -T "$DATA" | head -1)" "$RAM" "$PRESENTATION" "${CONFIGS[*]}" >"$REPORT" <<'EOF'
 import statistics, sys
-path, rounds, runtime, ncpu, kernel, fs, ram, pres = sys.argv[1:]
+path, rounds, runtime, ncpu, kernel, fs, ram, pres, measured = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
-cfgs = ["a", "b1", "b16", "b128", "c"]
+titles = {"a": "a: loop on raw", "f": "f: FUSE floor", "c": "c: qcow2 (qsd FUSE)"}
+cfgs = measured.split()
 jobs = []
 data = {}
 for rnd, cfg, job, iops, mibs, cpu in rows:
@@ -270,8 +296,9 @@ def cpu(cfg, job):
 seq = lambda job: "1m" in job
 print(f"{rounds} rounds x {runtime} s per job (+1 s ramp), medians; kernel {kernel}, {ncpu} CPUs; data on {fs}{' (RAM-backed loop)' if ram == '1' else ''}; b* attached as {pres}.")
 print()
-print("| job | a: loop on raw | b1 | b16 | b128 | c: qcow2 (qsd FUSE) | b1/c |")
-print("|---|---|---|---|---|---|---|")
+peer = "b1" in cfgs and "c" in cfgs
+print("| job | " + " | ".join(titles.get(c, c) for c in cfgs) + (" | b1/c |" if peer else " |"))
+print("|---|" + "---|" * (len(cfgs) + peer))
 for job in jobs:
     k = 1 if seq(job) else 0
     unit = "MiB/s" if seq(job) else "IOPS"
@@ -280,14 +307,14 @@ for job in jobs:
     for cfg in cfgs[1:]:
         v = med(cfg, job, k)
         cells.append(f"{v / a:.2f}x ({v:,.0f})")
-    b1, c = med("b1", job, k), med("c", job, k)
-    cells.append(f"{b1 / c:.2f}")
+    if peer:
+        cells.append(f"{med('b1', job, k) / med('c', job, k):.2f}")
     print(f"| {job} | " + " | ".join(cells) + " |")
 print()
 print("CPU of the serving process (% of one core, median): ")
 print()
-print("| job | b1 | b16 | b128 | c |")
-print("|---|---|---|---|---|")
+print("| job | " + " | ".join(cfgs[1:]) + " |")
+print("|---|" + "---|" * len(cfgs[1:]))
 for job in jobs:
     print(f"| {job} | " + " | ".join(cpu(c, job) for c in cfgs[1:]) + " |")
 print()
@@ -309,8 +336,11 @@ import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]) if l.strip()]
 def med(cfg, job, k):
     return statistics.median(float(r[3 + k]) for r in rows if r[1] == cfg and r[2] == job)
-rr = med("b1", "randread-4k-qd32", 0) / med("a", "randread-4k-qd32", 0)
-sq = med("b1", "read-1m-qd8", 1) / med("a", "read-1m-qd8", 1)
+try:
+    rr = med("b1", "randread-4k-qd32", 0) / med("a", "randread-4k-qd32", 0)
+    sq = med("b1", "read-1m-qd8", 1) / med("a", "read-1m-qd8", 1)
+except statistics.StatisticsError:  # --only left those out
+    rr, sq = 1, 1
 print(1 if rr < 0.5 or sq < 0.9 else 0)
 EOF
 )

@@ -99,6 +99,26 @@ type Options struct {
 	Debug bool
 }
 
+// MountOptions are the FUSE mount options of the server, tuned for a loop device with direct
+// I/O on each file (docs/PERFORMANCE.md). bench/fusefloor mounts with them too.
+func MountOptions(opts Options) *fuse.MountOptions {
+	if opts.MaxBackground == 0 {
+		opts.MaxBackground = 128
+	}
+	return &fuse.MountOptions{
+		FsName:            "csi-rawcow",
+		Name:              "rawcow",
+		MaxWrite:          1 << 20,
+		MaxBackground:     opts.MaxBackground,
+		DisableXAttrs:     true, // else every write costs a GETXATTR(security.capability) upcall
+		ExtraCapabilities: fuse.CAP_ASYNC_DIO,
+		DirectMount:       true,
+		// Reads answer with data, not file descriptors: a splice attempt would only cost.
+		DisableSplice: true,
+		Debug:         opts.Debug,
+	}
+}
+
 // NewServer mounts the FUSE file system under runDir/fuse and starts serving. Loop devices
 // left over by an earlier server under the same runDir are found and reported as stale.
 func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
@@ -127,22 +147,8 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 	if err := os.MkdirAll(s.mnt, 0o700); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
-	if opts.MaxBackground == 0 {
-		opts.MaxBackground = 128
-	}
 	s.fs = newChainFS()
-	s.fuse, err = fuse.NewServer(s.fs, s.mnt, &fuse.MountOptions{
-		FsName:            "csi-rawcow",
-		Name:              "rawcow",
-		MaxWrite:          1 << 20,
-		MaxBackground:     opts.MaxBackground,
-		DisableXAttrs:     true, // else every write costs a GETXATTR(security.capability) upcall
-		ExtraCapabilities: fuse.CAP_ASYNC_DIO,
-		DirectMount:       true,
-		// Reads answer with data, not file descriptors: a splice attempt would only cost.
-		DisableSplice: true,
-		Debug:         opts.Debug,
-	})
+	s.fuse, err = fuse.NewServer(s.fs, s.mnt, MountOptions(opts))
 	if err != nil {
 		return nil, fmt.Errorf("server: mount %s: %w", s.mnt, err)
 	}
