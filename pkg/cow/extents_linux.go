@@ -226,6 +226,11 @@ func physicalExtents(f *os.File, size int64) ([]physExtent, error) {
 // seekDataExtents maps the data of f within [0, size) with SEEK_DATA/SEEK_HOLE.
 // Unwritten extents read as holes there.
 func seekDataExtents(f *os.File, size int64) ([]Extent, error) {
+	return seekDataIn(f, 0, size)
+}
+
+// seekDataIn maps the data of f within [start, size) with SEEK_DATA/SEEK_HOLE.
+func seekDataIn(f *os.File, start, size int64) ([]Extent, error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return nil, err
@@ -233,7 +238,7 @@ func seekDataExtents(f *os.File, size int64) ([]Extent, error) {
 	var out []Extent
 	var serr error
 	cerr := rc.Control(func(fd uintptr) {
-		off := int64(0)
+		off := start
 		for off < size {
 			data, err := unix.Seek(int(fd), off, unix.SEEK_DATA)
 			if err == unix.ENXIO {

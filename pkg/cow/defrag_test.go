@@ -1,0 +1,119 @@
+package cow
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/rawcow/csi-rawcow/internal/testfs"
+)
+
+// TestComposeDefragments composes, on xfs and btrfs, a volume whose top holds 64 scattered
+// blocks in one 1 MiB region of a base and 4 in another: the first region comes out as a
+// contiguous copy, the second stays shared with the base, and the volume reads the same.
+func TestComposeDefragments(t *testing.T) {
+	for _, kind := range []string{"xfs", "btrfs"} {
+		t.Run(kind, func(t *testing.T) {
+			dir := testfs.Mount(t, kind, 1<<30)
+			base := filepath.Join(dir, "base.raw")
+			data := make([]byte, 8*mib)
+			r := rand.New(rand.NewPCG(3, 4))
+			for i := range data {
+				data[i] = byte(r.Uint32())
+			}
+			if err := os.WriteFile(base, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			st, err := OpenStore(filepath.Join(dir, "store"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := st.Create("vol", CreateOptions{Base: base}); err != nil {
+				t.Fatal(err)
+			}
+			c, err := st.Open("vol", OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			block := bytes.Repeat([]byte{0xd5}, BlockSize)
+			var writes []int64
+			for i := int64(0); i < 64; i++ { // every fourth block of [1 MiB, 2 MiB)
+				writes = append(writes, 1*mib+i*4*BlockSize)
+			}
+			for i := int64(0); i < 4; i++ { // 4 blocks of [4 MiB, 5 MiB): under the limit
+				writes = append(writes, 4*mib+i*64*BlockSize)
+			}
+			for _, off := range writes {
+				if _, err := c.WriteAt(block, off); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := c.Close(); err != nil {
+				t.Fatal(err)
+			}
+			want := viewOf(t, st, "vol")
+			if err := st.Compose("vol"); err != nil {
+				t.Fatal(err)
+			}
+			if got := viewOf(t, st, "vol"); !bytes.Equal(got, want) {
+				t.Fatal("the composed volume reads differently")
+			}
+			top, opaque, err := st.TopPath("vol")
+			if err != nil || !opaque {
+				t.Fatalf("top %s opaque=%v: %v", top, opaque, err)
+			}
+			topExt, baseExt := physOf(t, top), physOf(t, base)
+			var topRanges []Extent
+			for _, e := range topExt {
+				topRanges = append(topRanges, e.Extent)
+			}
+			if n := countIn(topRanges, Extent{Off: 1 * mib, Len: mib}); n > 2 {
+				t.Errorf("the fragmented region has %d extents after compose, want it rewritten in one", n)
+			}
+			shared := sharedRanges(topExt, baseExt)
+			if n := countIn(shared, Extent{Off: 1 * mib, Len: mib}); n != 0 {
+				t.Errorf("the rewritten region still shares %d ranges with the base", n)
+			}
+			// The region under the limit: every block but the 4 written stays a clone.
+			var sharedBytes int64
+			for _, e := range shared {
+				sharedBytes += max(0, min(e.End(), 5*mib)-max(e.Off, 4*mib))
+			}
+			if sharedBytes != mib-4*BlockSize {
+				t.Errorf("the region under the limit shares %d bytes with the base, want %d", sharedBytes, mib-4*BlockSize)
+			}
+		})
+	}
+}
+
+// physOf returns the physical extents of the file at path.
+func physOf(t *testing.T, path string) []physExtent {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext, err := physicalExtents(f, fi.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ext
+}
+
+// countIn returns how many of the extents overlap r.
+func countIn(list []Extent, r Extent) int {
+	n := 0
+	for _, e := range list {
+		if e.Off < r.End() && e.End() > r.Off {
+			n++
+		}
+	}
+	return n
+}
