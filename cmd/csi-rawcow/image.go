@@ -802,11 +802,12 @@ func imageDelete(t *imageTool, fs *flag.FlagSet, args []string) error {
 		return err
 	}
 	// A layer of the volume that no chain has any more was freed, or, when other chains
-	// built on it, merged into theirs.
+	// built on it, merged into theirs. A base outside the store is never freed; one copied
+	// into it goes with its last chain, like a layer.
 	var freed, merged, kept int
 	for _, l := range info.Layers {
 		switch {
-		case l.State == cow.Base:
+		case l.State == cow.Base && l.Origin == "":
 		case len(layerUsers(after, l.ID)) > 0:
 			kept++
 		case len(layerUsers(before, l.ID, name)) > 0:

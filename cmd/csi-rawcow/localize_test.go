@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"errors"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -80,4 +82,15 @@ func TestImageLocalizeBase(t *testing.T) {
 	mustFail(t, store, 1, "its chain has no base", "localize-base", "plain")
 	mustFail(t, store, 1, "not found", "localize-base", "nope")
 	mustFail(t, store, 2, "missing arguments", "localize-base")
+
+	// The copy goes with the last chain on it, and delete counts it.
+	if out := mustRun(t, store, "delete", "vol"); !strings.Contains(out, "layers freed: 1, merged into other chains: 0, still used: 1") {
+		t.Fatalf("delete vol said %q", out)
+	}
+	if out := mustRun(t, store, "delete", "vol2"); !strings.Contains(out, "layers freed: 2, merged into other chains: 0, still used: 0") {
+		t.Fatalf("delete vol2 said %q", out)
+	}
+	if _, err := os.Stat(b.Path); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the base's copy %s is still there: %v", b.Path, err)
+	}
 }

@@ -180,10 +180,11 @@ func (s *Store) applyOnto(out *os.File, id string, meta *LayerMeta) ([]Extent, e
 // every region of defragRegion bytes where more than defragExtents pieces of layers begin is
 // rewritten in one piece. That copies at most defragRegion/defragExtents bytes per piece:
 // compose time still follows the number of extents, not the size, and a chain written in
-// runs of 64 KiB or more is never copied.
+// runs of 128 KiB or more is never copied. (On RAM-backed xfs, 1 MiB reads of composed chains
+// with about 15 and 127 pieces per MiB ran at 0.62× and about 0.2× of a contiguous file.)
 const (
 	defragRegion  = 1 << 20
-	defragExtents = 16
+	defragExtents = 8
 	// defragFillGap: holes shorter than this between data in a rewritten region are written
 	// as zeros (reads do not change: the top is opaque), so the region becomes one extent.
 	defragFillGap = 64 << 10
