@@ -11,14 +11,15 @@ import (
 )
 
 // TestComposeDefragments composes, on xfs and btrfs, a volume whose top holds 64 scattered
-// blocks in one 1 MiB region of a base and 4 in another: the first region comes out as a
-// contiguous copy, the second stays shared with the base, and the volume reads the same.
+// blocks in one 1 MiB region of a base, 4 in another and 32 in the last, half a region: the
+// first and the last come out as contiguous copies, the second stays shared with the base,
+// and the volume reads the same.
 func TestComposeDefragments(t *testing.T) {
 	for _, kind := range []string{"xfs", "btrfs"} {
 		t.Run(kind, func(t *testing.T) {
 			dir := testfs.Mount(t, kind, 1<<30)
 			base := filepath.Join(dir, "base.raw")
-			data := make([]byte, 8*mib)
+			data := make([]byte, 8*mib+mib/2)
 			r := rand.New(rand.NewPCG(3, 4))
 			for i := range data {
 				data[i] = byte(r.Uint32())
@@ -45,6 +46,9 @@ func TestComposeDefragments(t *testing.T) {
 			for i := int64(0); i < 4; i++ { // 4 blocks of [4 MiB, 5 MiB): under the limit
 				writes = append(writes, 4*mib+i*64*BlockSize)
 			}
+			for i := int64(0); i < 32; i++ { // every fourth block of the last half region
+				writes = append(writes, 8*mib+i*4*BlockSize)
+			}
 			for _, off := range writes {
 				if _, err := c.WriteAt(block, off); err != nil {
 					t.Fatal(err)
@@ -69,8 +73,10 @@ func TestComposeDefragments(t *testing.T) {
 			for _, e := range topExt {
 				topRanges = append(topRanges, e.Extent)
 			}
-			if n := countIn(topRanges, Extent{Off: 1 * mib, Len: mib}); n > 2 {
-				t.Errorf("the fragmented region has %d extents after compose, want it rewritten in one", n)
+			for _, r := range []Extent{{Off: 1 * mib, Len: mib}, {Off: 8 * mib, Len: mib / 2}} {
+				if n := countIn(topRanges, r); n > 2 {
+					t.Errorf("the fragmented region at %d has %d extents after compose, want it rewritten in one", r.Off, n)
+				}
 			}
 			shared := sharedRanges(topExt, baseExt)
 			if n := countIn(shared, Extent{Off: 1 * mib, Len: mib}); n != 0 {
