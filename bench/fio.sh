@@ -70,6 +70,19 @@ if [[ $QUICK == 1 ]]; then
 fi
 : "${RUNTIME:=10}" "${ROUNDS:=3}"
 
+CONFIGS=(a f b1 b16 b128 c)
+# name:rw:bs:iodepth
+JOBS=(randread-4k-qd1:randread:4k:1 randread-4k-qd32:randread:4k:32 read-1m-qd8:read:1m:8
+	randwrite-4k-qd1:randwrite:4k:1 randwrite-4k-qd32:randwrite:4k:32 write-1m-qd8:write:1m:8)
+if [[ -n $ONLY ]]; then # keep the named jobs and configurations (a always: the baseline)
+	keep=() for_jobs=()
+	for cfg in "${CONFIGS[@]}"; do [[ $cfg == a || $ONLY == *",$cfg,"* ]] && keep+=("$cfg"); done
+	((${#keep[@]} > 1)) && CONFIGS=("${keep[@]}")
+	for spec in "${JOBS[@]}"; do [[ $ONLY == *",${spec%%:*},"* ]] && for_jobs+=("$spec"); done
+	((${#for_jobs[@]} > 0)) && JOBS=("${for_jobs[@]}")
+fi
+measured() { [[ " ${CONFIGS[*]} " == *" $1 "* ]]; }
+
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 : "${DIR:=$(cd "$REPO/.." && pwd)}"
 [[ $EUID == 0 ]] || { echo "fio.sh: run as root (loop devices, FUSE)" >&2; exit 1; }
@@ -162,26 +175,30 @@ done
 log "store made: layers, d1, d16, d128, w1, w16, w128"
 
 # The qcow2 peer: one overlay for reads, one for writes, both exported by one daemon.
-QMNT="$WORK/qcow2.export"
-QSD_ARGS=()
-for v in r w; do
-	qemu-img create -q -f qcow2 -b "$BASE" -F raw "$DATA/overlay-$v.qcow2"
-	touch "$QMNT-$v"
-	QSD_ARGS+=(--blockdev "driver=file,node-name=f$v,filename=$DATA/overlay-$v.qcow2"
-		--blockdev "driver=qcow2,node-name=q$v,file=f$v"
-		--export "type=fuse,id=e$v,node-name=q$v,mountpoint=$QMNT-$v,writable=on")
-done
-qemu-storage-daemon "${QSD_ARGS[@]}" >"$WORK/qsd.log" 2>&1 &
-QSD_PID=$!
-for _ in $(seq 100); do mountpoint -q "$QMNT-w" && break; sleep 0.1; done
-mountpoint -q "$QMNT-r" && mountpoint -q "$QMNT-w" ||
-	{ cat "$WORK/qsd.log" >&2; echo "fio.sh: qemu-storage-daemon did not export" >&2; exit 1; }
+if measured c; then
+	QMNT="$WORK/qcow2.export"
+	QSD_ARGS=()
+	for v in r w; do
+		qemu-img create -q -f qcow2 -b "$BASE" -F raw "$DATA/overlay-$v.qcow2"
+		touch "$QMNT-$v"
+		QSD_ARGS+=(--blockdev "driver=file,node-name=f$v,filename=$DATA/overlay-$v.qcow2"
+			--blockdev "driver=qcow2,node-name=q$v,file=f$v"
+			--export "type=fuse,id=e$v,node-name=q$v,mountpoint=$QMNT-$v,writable=on")
+	done
+	qemu-storage-daemon "${QSD_ARGS[@]}" >"$WORK/qsd.log" 2>&1 &
+	QSD_PID=$!
+	for _ in $(seq 100); do mountpoint -q "$QMNT-w" && break; sleep 0.1; done
+	mountpoint -q "$QMNT-r" && mountpoint -q "$QMNT-w" ||
+		{ cat "$WORK/qsd.log" >&2; echo "fio.sh: qemu-storage-daemon did not export" >&2; exit 1; }
+fi
 
 # The FUSE floor.
-"$WORK/fusefloor" --mount "$WORK/floor" --size $((1 << 30)) >"$WORK/fusefloor.log" 2>&1 &
-FLOOR_PID=$!
-for _ in $(seq 100); do [[ -f $WORK/floor/disk ]] && break; sleep 0.1; done
-[[ -f $WORK/floor/disk ]] || { cat "$WORK/fusefloor.log" >&2; echo "fio.sh: fusefloor did not mount" >&2; exit 1; }
+if measured f; then
+	"$WORK/fusefloor" --mount "$WORK/floor" --size $((1 << 30)) >"$WORK/fusefloor.log" 2>&1 &
+	FLOOR_PID=$!
+	for _ in $(seq 100); do [[ -f $WORK/floor/disk ]] && break; sleep 0.1; done
+	[[ -f $WORK/floor/disk ]] || { cat "$WORK/fusefloor.log" >&2; echo "fio.sh: fusefloor did not mount" >&2; exit 1; }
+fi
 
 # The server and its devices.
 R="$WORK/run"
@@ -200,36 +217,28 @@ attach_loop() { # ARRAY CONFIG FILE: a loop device with direct I/O and 4096-byte
 }
 attach_loop DEV a "$DATA/plain.raw"
 WDEV[a]=${DEV[a]} # overwrites in place: the raw file reads the same afterwards
-attach_loop DEV f "$WORK/floor/disk"
-WDEV[f]=${DEV[f]}
-PID[f]=$FLOOR_PID
+if measured f; then
+	attach_loop DEV f "$WORK/floor/disk"
+	WDEV[f]=${DEV[f]}
+	PID[f]=$FLOOR_PID
+fi
 for d in 1 16 128; do
 	ATTACHED+=("d$d" "w$d")
 	DEV[b$d]="$("$BIN" attach --run-dir "$R" --presentation "$PRESENTATION" "d$d")"
 	WDEV[b$d]="$("$BIN" attach --run-dir "$R" --presentation "$PRESENTATION" "w$d")"
 	PID[b$d]=$SERVER_PID
 done
-attach_loop DEV c "$QMNT-r"
-attach_loop WDEV c "$QMNT-w"
-PID[c]=$QSD_PID
-CONFIGS=(a f b1 b16 b128 c)
+if measured c; then
+	attach_loop DEV c "$QMNT-r"
+	attach_loop WDEV c "$QMNT-w"
+	PID[c]=$QSD_PID
+fi
 for cfg in "${CONFIGS[@]}"; do
 	for dev in "${DEV[$cfg]}" "${WDEV[$cfg]}"; do
 		n="$(basename "$dev")"
 		log "$cfg: $dev dio=$(cat /sys/block/"$n"/loop/dio) sector=$(cat /sys/block/"$n"/queue/logical_block_size)"
 	done
 done
-
-# name:rw:bs:iodepth
-JOBS=(randread-4k-qd1:randread:4k:1 randread-4k-qd32:randread:4k:32 read-1m-qd8:read:1m:8
-	randwrite-4k-qd1:randwrite:4k:1 randwrite-4k-qd32:randwrite:4k:32 write-1m-qd8:write:1m:8)
-if [[ -n $ONLY ]]; then # keep the named jobs and configurations (a always: the baseline)
-	keep=() for_jobs=()
-	for cfg in "${CONFIGS[@]}"; do [[ $cfg == a || $ONLY == *",$cfg,"* ]] && keep+=("$cfg"); done
-	((${#keep[@]} > 1)) && CONFIGS=("${keep[@]}")
-	for spec in "${JOBS[@]}"; do [[ $ONLY == *",${spec%%:*},"* ]] && for_jobs+=("$spec"); done
-	((${#for_jobs[@]} > 0)) && JOBS=("${for_jobs[@]}")
-fi
 
 cpu_ticks() { # PID -> utime+stime in clock ticks
 	awk '{print $14 + $15}' "/proc/$1/stat"

@@ -6,7 +6,6 @@ import (
 	"os"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -30,9 +29,7 @@ func readDirect(t *testing.T, dev string, off int64, n int) ([]byte, error) {
 			return
 		}
 		defer f.Close()
-		raw := make([]byte, n+4096)
-		skip := (4096 - int(uintptr(unsafe.Pointer(unsafe.SliceData(raw)))%4096)) % 4096
-		buf := raw[skip : skip+n]
+		buf := alignedBuffer(n)
 		_, err = f.ReadAt(buf, off)
 		done <- result{buf, err}
 	}()

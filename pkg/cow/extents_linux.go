@@ -223,13 +223,8 @@ func physicalExtents(f *os.File, size int64) ([]physExtent, error) {
 	return out, err
 }
 
-// seekDataExtents maps the data of f within [0, size) with SEEK_DATA/SEEK_HOLE.
-// Unwritten extents read as holes there.
-func seekDataExtents(f *os.File, size int64) ([]Extent, error) {
-	return seekDataIn(f, 0, size)
-}
-
 // seekDataIn maps the data of f within [start, size) with SEEK_DATA/SEEK_HOLE.
+// Unwritten extents read as holes there.
 func seekDataIn(f *os.File, start, size int64) ([]Extent, error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
@@ -305,7 +300,7 @@ func unwrittenExtents(f *os.File, size int64) ([]Extent, error) {
 func layerExtents(f *os.File, size int64) (data, unwritten []Extent, err error) {
 	data, unwritten, err = fiemapExtents(f, size)
 	if isUnsupported(err) {
-		data, err = seekDataExtents(f, size)
+		data, err = seekDataIn(f, 0, size)
 		if err != nil {
 			return nil, nil, fmt.Errorf("seek data %s: %w", f.Name(), err)
 		}

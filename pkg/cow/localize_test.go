@@ -281,20 +281,8 @@ func TestLocalizeBase(t *testing.T) {
 // sharedBytes returns how many bytes of a and b below size are the same physical blocks.
 func sharedBytes(t *testing.T, a, b string, size int64) int64 {
 	t.Helper()
-	var maps [2][]physExtent
-	for i, p := range []string{a, b} {
-		f, err := os.Open(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		maps[i], err = physicalExtents(f, size)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 	var n int64
-	for _, e := range sharedRanges(maps[0], maps[1]) {
+	for _, e := range sharedRanges(physOf(t, a, size), physOf(t, b, size)) {
 		n += e.Len
 	}
 	return n
