@@ -49,7 +49,9 @@ func fio(t testing.TB, dev string, offset, size int64, extra ...string) string {
 	args := append([]string{"--name=verify", "--filename=" + dev, "--ioengine=libaio", "--direct=1",
 		"--iodepth=16", "--rw=randwrite", "--bsrange=4k-64k", "--randrepeat=1", "--randseed=42",
 		"--offset=" + strconv.FormatInt(offset, 10), "--size=" + strconv.FormatInt(size, 10),
-		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1"}, extra...)
+		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+		// fio would save its verify state into the working directory: the package's source.
+		"--verify_state_save=0"}, extra...)
 	return run(t, "fio", args...)
 }
 
