@@ -150,27 +150,50 @@ func (c *Chain) clampRead(off int64, n int) (int, error) {
 	return n, nil
 }
 
+// piece is a run of the merged view up to end: served by st.cur, or a gap (ok false).
+type piece struct {
+	end int64
+	st  state
+	ok  bool
+}
+
+// readBatch bounds the pieces that one hold of the index lock collects for a read: a 1 MiB
+// read of a deep chain crosses a few hundred, and a writer waits for no more than one batch.
+const readBatch = 64
+
+// lookupPieces appends to into, up to its capacity, the pieces of [off, end) in order, in
+// one walk of the index rather than one search per piece.
+func (c *Chain) lookupPieces(off, end int64, into []piece) []piece {
+	c.idxMu.RLock()
+	defer c.idxMu.RUnlock()
+	c.idx.each(off, end, func(_, e int64, st state, ok bool) bool {
+		into = append(into, piece{end: e, st: st, ok: ok})
+		return len(into) < cap(into)
+	})
+	return into
+}
+
 // readLocked reads [off, off+len(p)) into p. With view, pieces that a mapped layer serves are
 // appended to *view in place instead, and the rest of p in runs between them.
 func (c *Chain) readLocked(p []byte, off int64, view *[][]byte) error {
+	var batch [readBatch]piece
 	run := 0 // start in p of what is read into p and not yet in *view
 	for at := 0; at < len(p); {
-		c.idxMu.RLock()
-		end, st, ok := c.idx.lookup(off, off+int64(len(p)-at))
-		c.idxMu.RUnlock()
-		n := int(end - off)
-		if !ok || !st.cur.hasData() {
-			clear(p[at : at+n])
-		} else if mem := c.mapped(st.cur.layer(), off, n); view != nil && mem != nil && len(*view) < maxViewPieces-2 {
-			if run < at {
-				*view = append(*view, p[run:at])
+		for _, pc := range c.lookupPieces(off, off+int64(len(p)-at), batch[:0]) {
+			n := int(pc.end - off)
+			if !pc.ok || !pc.st.cur.hasData() {
+				clear(p[at : at+n])
+			} else if mem := c.mapped(pc.st.cur.layer(), off, n); view != nil && mem != nil && len(*view) < maxViewPieces-2 {
+				if run < at {
+					*view = append(*view, p[run:at])
+				}
+				*view = append(*view, mem)
+				run = at + n
+			} else if err := c.readLayer(pc.st.cur.layer(), mem, p[at:at+n], off); err != nil {
+				return err
 			}
-			*view = append(*view, mem)
-			run = at + n
-		} else if err := c.readLayer(st.cur.layer(), mem, p[at:at+n], off); err != nil {
-			return err
+			at, off = at+n, pc.end
 		}
-		at, off = at+n, end
 	}
 	if view != nil && run < len(p) {
 		*view = append(*view, p[run:])

@@ -214,6 +214,11 @@ func TestReadView(t *testing.T) {
 		}
 	}
 	want := readAll(t, c, int(mib))
+	// Block by block every read is one piece: reads of 1 MiB cross more pieces than one
+	// lookup of the index collects (readBatch) and must read the same.
+	if !bytes.Equal(want, readAll(t, c, BlockSize)) {
+		t.Fatal("reads of 1 MiB differ from reads block by block")
+	}
 	for _, r := range []struct{ off, n int64 }{
 		{0, 4 * mib}, // more pieces than a view holds
 		{2*mib - BlockSize - 100, 3*BlockSize + 300},
