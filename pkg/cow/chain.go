@@ -91,7 +91,8 @@ func (c *Chain) checkRange(off, n int64) error {
 // ReadAt reads len(p) bytes at off from the merged view. A read that reaches past the end
 // returns what fits and io.EOF.
 //
-// Hot path: takes only shared locks, allocates nothing, one index lookup per extent crossed.
+// Hot path: takes only shared locks, allocates nothing, one walk of the index per readBatch
+// extents crossed.
 func (c *Chain) ReadAt(p []byte, off int64) (int, error) {
 	c.io.RLock()
 	defer c.io.RUnlock()
