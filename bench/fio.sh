@@ -38,7 +38,8 @@
 #                 how the b* volumes are attached (default merged: the FUSE view; composed
 #                 needs xfs or btrfs under DIR)
 #   --only NAMES  run only these jobs and configurations (comma-separated, e.g.
-#                 write-1m-qd8,a,f,b1); a is always measured, it is the baseline
+#                 write-1m-qd8,a,f,b1); a is always measured, it is the baseline; only
+#                 what the named configurations need is set up (b16 alone: 15 layers, not 127)
 #   --out FILE    also write the results (markdown) to FILE
 #
 # Everything it makes is removed at exit (loop devices, server, qemu-storage-daemon, mounts,
@@ -160,19 +161,26 @@ log "base and its raw copy made"
 # writes in the working set; d1 is a new volume over the base, d16 and d128 clones. Read jobs
 # run on dN, write jobs on wN (the same chains): so reads always go through the whole chain,
 # never through what earlier write jobs put in the top.
+# Only the layers that the measured depths need are made (--only).
 S="$DATA/store"
 img() { "$BIN" image --store "$S" "$@" >/dev/null; }
+DEPTHS=() frozen=0
+for d in 1 16 128; do measured "b$d" && DEPTHS+=("$d") && frozen=$((d - 1)); done
 img create --base "$BASE" layers
-for i in $(seq 1 127); do
+for i in $(seq 1 "$frozen"); do
 	"$WORK/scatter" --store "$S" --count 1000 --span $((1 << 30)) --seed "$i" layers
 	img snapshot layers "$(printf 'L%03d' "$i")"
 done
 for v in d w; do
-	img create --base "$BASE" ${v}1
-	img clone L015 ${v}16
-	img clone L127 ${v}128
+	for d in "${DEPTHS[@]}"; do
+		if ((d == 1)); then
+			img create --base "$BASE" ${v}1
+		else
+			img clone "$(printf 'L%03d' $((d - 1)))" "$v$d"
+		fi
+	done
 done
-log "store made: layers, d1, d16, d128, w1, w16, w128"
+log "store made: $frozen frozen layers; volumes for depths ${DEPTHS[*]}"
 
 # The qcow2 peer: one overlay for reads, one for writes, both exported by one daemon.
 if measured c; then
@@ -222,7 +230,7 @@ if measured f; then
 	WDEV[f]=${DEV[f]}
 	PID[f]=$FLOOR_PID
 fi
-for d in 1 16 128; do
+for d in "${DEPTHS[@]}"; do
 	ATTACHED+=("d$d" "w$d")
 	DEV[b$d]="$("$BIN" attach --run-dir "$R" --presentation "$PRESENTATION" "d$d")"
 	WDEV[b$d]="$("$BIN" attach --run-dir "$R" --presentation "$PRESENTATION" "w$d")"
