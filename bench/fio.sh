@@ -369,6 +369,10 @@ if [[ $PROFILE == 1 || $need_profile == 1 ]]; then
 	if command -v perf >/dev/null; then
 		for target in "${PROFILE_JOBS[@]}"; do
 			cfg=${target%%:*} spec=${target#*:} name=${spec%%:*}
+			if [[ -z ${PID[$cfg]:-} ]]; then # not measured (--only), or a: no serving process
+				log "no serving process of $cfg to profile during $name"
+				continue
+			fi
 			log "profiling the server during $name on $cfg"
 			data="$WORK/perf-$cfg-$name.data"
 			perf record -q -g -F 999 -p "${PID[$cfg]}" -o "$data" -- sleep "$((RUNTIME + 1))" &
@@ -392,7 +396,7 @@ if [[ $PROFILE == 1 || $need_profile == 1 ]]; then
 				echo '```'
 			} | tee -a "$REPORT"
 		done
-		[[ -n $OUT ]] && cp "$REPORT" "$OUT"
+		if [[ -n $OUT ]]; then cp "$REPORT" "$OUT"; fi
 	else
 		log "perf is not installed (apt-get install linux-perf): no profile"
 	fi
