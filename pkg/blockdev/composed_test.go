@@ -2,8 +2,10 @@ package blockdev_test
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/rawcow/csi-rawcow/internal/testfs"
@@ -92,5 +94,64 @@ func writeFile(t testing.TB, path string, data []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestGroupSnapshotComposed: a group snapshot takes one volume attached composed beside
+// merged ones (the merged ones stand still while it is cloned), and refuses two composed
+// ones, whose writes it cannot stop at one instant, with ErrBusy, changing nothing.
+func TestGroupSnapshotComposed(t *testing.T) {
+	dir := testfs.Mount(t, "xfs", 1<<30)
+	st, err := cow.OpenStore(filepath.Join(dir, "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := testsrv.Start(t, st, t.TempDir())
+	before := bytes.Repeat([]byte("before! "), 8192)
+	devs := map[string]string{}
+	for name, p := range map[string]string{"m": blockdev.PresentMerged, "c1": blockdev.PresentComposed, "c2": blockdev.PresentComposed} {
+		if err := st.Create(name, cow.CreateOptions{Size: 16 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		a, err := srv.Attach(name, blockdev.AttachOptions{Presentation: p})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.Composed != (p == blockdev.PresentComposed) {
+			t.Fatalf("%s: asked for %s, got composed=%v", name, p, a.Composed)
+		}
+		testsrv.WriteDevice(t, a.Device, before, 0)
+		devs[name] = a.Device
+	}
+	err = srv.SnapshotGroup([]string{"m", "c1", "c2"}, []string{"m-s", "c1-s", "c2-s"}, nil)
+	if !errors.Is(err, cow.ErrBusy) || !strings.Contains(err.Error(), "composed") {
+		t.Fatalf("group of two composed volumes: %v, want ErrBusy saying why", err)
+	}
+	if snaps, err := st.Snapshots(); err != nil || len(snaps) > 0 {
+		t.Fatalf("a refused group left snapshots %v (%v)", snaps, err)
+	}
+	if err := srv.SnapshotGroup([]string{"m", "c1"}, []string{"m-s", "c1-s"}, nil); err != nil {
+		t.Fatalf("group of a merged and a composed volume: %v", err)
+	}
+	after := bytes.Repeat([]byte("after!! "), 8192)
+	for _, name := range []string{"m", "c1"} {
+		testsrv.WriteDevice(t, devs[name], after, 0)
+	}
+	for _, snap := range []string{"m-s", "c1-s"} {
+		c, err := st.OpenSnapshot(snap)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(before))
+		_, err = c.ReadAt(got, 0)
+		c.Close()
+		if err != nil || !bytes.Equal(got, before) {
+			t.Errorf("%s does not hold the writes before the group snapshot (%v)", snap, err)
+		}
+	}
+	for name := range devs {
+		if err := srv.Detach(name); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

@@ -21,12 +21,14 @@ const ControlSocket = "control.sock"
 
 // request is one call on the control socket: a JSON object per line, answered by one.
 type request struct {
-	Op     string            `json:"op"` // attach, detach, snapshot, clone, resize, list
-	Name   string            `json:"name,omitempty"`
-	Target string            `json:"target,omitempty"` // snapshot or clone name
-	Attach AttachOptions     `json:"attach,omitempty"`
-	Size   int64             `json:"size,omitempty"`
-	Labels map[string]string `json:"labels,omitempty"`
+	Op      string            `json:"op"` // attach, detach, snapshot, snapshot-group, clone, resize, list
+	Name    string            `json:"name,omitempty"`
+	Target  string            `json:"target,omitempty"`  // snapshot or clone name
+	Names   []string          `json:"names,omitempty"`   // a group's volumes
+	Targets []string          `json:"targets,omitempty"` // their snapshots' names
+	Attach  AttachOptions     `json:"attach,omitempty"`
+	Size    int64             `json:"size,omitempty"`
+	Labels  map[string]string `json:"labels,omitempty"`
 }
 
 type response struct {
@@ -107,6 +109,8 @@ func (s *Server) do(req request) ([]Attachment, error) {
 		return nil, s.Detach(req.Name)
 	case "snapshot":
 		return nil, s.Snapshot(req.Name, req.Target, req.Labels)
+	case "snapshot-group":
+		return nil, s.SnapshotGroup(req.Names, req.Targets, req.Labels)
 	case "clone":
 		return nil, s.Clone(req.Name, req.Target, req.Labels)
 	case "resize":
@@ -224,6 +228,12 @@ func (c *Client) Detach(name string) error {
 // Snapshot asks the server to snapshot volume as snap.
 func (c *Client) Snapshot(volume, snap string, labels map[string]string) error {
 	_, err := c.call(request{Op: "snapshot", Name: volume, Target: snap, Labels: labels})
+	return err
+}
+
+// SnapshotGroup asks the server to snapshot volumes[i] as snaps[i], all at one point in time.
+func (c *Client) SnapshotGroup(volumes, snaps []string, labels map[string]string) error {
+	_, err := c.call(request{Op: "snapshot-group", Names: volumes, Targets: snaps, Labels: labels})
 	return err
 }
 

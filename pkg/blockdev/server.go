@@ -28,6 +28,7 @@ type Service interface {
 	Attach(name string, opts AttachOptions) (Attachment, error)
 	Detach(name string) error
 	Snapshot(volume, snap string, labels map[string]string) error
+	SnapshotGroup(volumes, snaps []string, labels map[string]string) error
 	Clone(src, name string, labels map[string]string) error
 	Resize(volume string, size int64) error
 	List() ([]Attachment, error)
@@ -510,6 +511,20 @@ func (s *Server) Snapshot(volume, snap string, labels map[string]string) error {
 		return err
 	}
 	return s.store.Snapshot(volume, snap, labels) // routed to the open or held chain by the store
+}
+
+// SnapshotGroup takes snapshots of several volumes at one point in time, attached or not
+// (cow.Store.SnapshotGroup): the merged ones are quiesced together; a composed one (at most
+// one per group) is flushed first and cloned while they stand still.
+func (s *Server) SnapshotGroup(volumes, snaps []string, labels map[string]string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, v := range volumes {
+		if err := s.flushComposed(v); err != nil {
+			return err
+		}
+	}
+	return s.store.SnapshotGroup(volumes, snaps, labels)
 }
 
 func (s *Server) flushComposed(volume string) error {

@@ -236,6 +236,11 @@ func (c *Chain) adopt(sw topSwitch) {
 // in this process is quiesced and flushed, all are frozen in one manifest commit, and then
 // they all go on. snaps[i] names the snapshot of volumes[i]. Either every snapshot exists
 // afterwards or none does.
+//
+// A volume held by this process (attached composed) cannot be quiesced: its top is cloned
+// at one instant inside the commit, while the others stand still, which is still one point
+// in time. Two held volumes would be cloned at two instants with writes going on between
+// them, so a group takes at most one (ErrBusy).
 func (s *Store) SnapshotGroup(volumes, snaps []string, labels map[string]string) error {
 	if len(volumes) == 0 || len(volumes) != len(snaps) {
 		return fmt.Errorf("snapshot group: %w: %d volumes, %d snapshot names", ErrInvalidName, len(volumes), len(snaps))
@@ -259,6 +264,7 @@ func (s *Store) SnapshotGroup(volumes, snaps []string, labels map[string]string)
 	sort.Slice(order, func(a, b int) bool { return volumes[order[a]] < volumes[order[b]] })
 	live := map[string]*Chain{}
 	var locks []*os.File
+	heldBy := "" // the held volume of the group, if any
 	defer func() {
 		closeAll(locks)
 		for _, c := range live {
@@ -278,6 +284,13 @@ func (s *Store) SnapshotGroup(volumes, snaps []string, labels map[string]string)
 		}
 		if err := s.mustBeVolume(v); err != nil {
 			return err
+		}
+		if s.isHeld(v) { // this process holds its lock already
+			if heldBy != "" {
+				return fmt.Errorf("snapshot group: %w: %s and %s are both attached composed, and a group can stop the writes of one such volume only; attach all but one merged", ErrBusy, heldBy, v)
+			}
+			heldBy = v
+			continue
 		}
 		lk, err := s.lockVolume(v, unix.LOCK_EX)
 		if err != nil {

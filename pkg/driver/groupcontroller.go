@@ -74,7 +74,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 			snaps[i] = memberIDFor(req.Name, v)
 		}
 		labels := map[string]string{labelName: req.Name, labelGroup: id}
-		if err := d.store.SnapshotGroup(vols, snaps, labels); err != nil {
+		if err := d.present.SnapshotGroup(vols, snaps, labels); err != nil {
 			return nil, status.Errorf(codeOf(err), "group snapshot %s: %v", id, err)
 		}
 		if members, err = d.groupMembers(id); err != nil {
@@ -136,6 +136,35 @@ func matchMembers(given []string, members []*cow.Info) error {
 	return nil
 }
 
+// matchRemaining checks a delete's snapshot IDs against what is left of the group: a delete
+// cut short (a crash, a failed member) has removed some members, and its retry still names
+// them all. Every remaining member must be named, and every named ID that is not one must
+// be gone, not a snapshot of something else. A group with no member left is deleted.
+func (d *Driver) matchRemaining(given []string, members []*cow.Info) error {
+	if len(given) == 0 || len(members) == 0 {
+		return nil
+	}
+	named := map[string]bool{}
+	for _, id := range given {
+		named[id] = true
+	}
+	for _, m := range members {
+		if !named[m.Name] {
+			return status.Errorf(codes.InvalidArgument, "the snapshot IDs do not name member %s of the group snapshot", m.Name)
+		}
+		delete(named, m.Name)
+	}
+	for id := range named {
+		if checkSnapshotID(id) != nil {
+			return status.Errorf(codes.InvalidArgument, "%q is not a snapshot ID", truncate(id))
+		}
+		if _, err := d.store.Info(id); !errors.Is(err, cow.ErrNotFound) {
+			return status.Errorf(codes.InvalidArgument, "snapshot %s is not a member of the group snapshot", id)
+		}
+	}
+	return nil
+}
+
 func (d *Driver) GetVolumeGroupSnapshot(ctx context.Context, req *csi.GetVolumeGroupSnapshotRequest) (*csi.GetVolumeGroupSnapshotResponse, error) {
 	if err := checkGroupID(req.GroupSnapshotId); err != nil {
 		return nil, err
@@ -165,7 +194,7 @@ func (d *Driver) DeleteVolumeGroupSnapshot(ctx context.Context, req *csi.DeleteV
 	if err != nil {
 		return nil, err
 	}
-	if err := matchMembers(req.SnapshotIds, members); err != nil && len(members) > 0 {
+	if err := d.matchRemaining(req.SnapshotIds, members); err != nil {
 		return nil, err
 	}
 	for _, m := range members {

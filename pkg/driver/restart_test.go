@@ -821,3 +821,85 @@ func checkSet(t *testing.T, what string, got []string, want map[string]bool) {
 		}
 	}
 }
+
+// TestGroupSnapshotExternalServer takes a group snapshot of two staged block volumes in the
+// shipped layout (the driver beside `csi-rawcow serve`, which holds every staged volume): the
+// driver must go through the server, and the members hold exactly the writes before it.
+func TestGroupSnapshotExternalServer(t *testing.T) {
+	r := newRig(t)
+	ctx, cancel := r.ctx()
+	defer cancel()
+	before, after := bytes.Repeat([]byte("before! "), 8192), bytes.Repeat([]byte("after!! "), 8192)
+	var vols, targets []string
+	for _, name := range []string{"group-a", "group-b"} {
+		id := r.createVolume(name, blockCapOf(), 16<<20)
+		target := r.stageBlock(ctx, id)
+		if err := writeSynced(target, before, 1<<20); err != nil {
+			t.Fatal(err)
+		}
+		vols, targets = append(vols, id), append(targets, target)
+	}
+	g, err := r.c.group.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "both", SourceVolumeIds: vols})
+	if err != nil {
+		t.Fatalf("group snapshot of staged volumes: %v", err)
+	}
+	for _, target := range targets {
+		if err := writeSynced(target, after, 1<<20); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var ids []string
+	for _, s := range g.GroupSnapshot.Snapshots {
+		ids = append(ids, s.SnapshotId)
+		resp, err := r.c.ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restore-" + s.SnapshotId,
+			VolumeCapabilities: []*csi.VolumeCapability{blockCapOf()}, CapacityRange: capacity(16<<20, 0),
+			VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+				Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: s.SnapshotId}}}})
+		if err != nil {
+			t.Fatalf("restore %s: %v", s.SnapshotId, err)
+		}
+		target := r.stageBlock(ctx, resp.Volume.VolumeId)
+		if got, err := readAt(target, len(before), 1<<20); err != nil || !bytes.Equal(got, before) {
+			t.Errorf("the member of %s does not hold the writes before the group snapshot (%v)", s.SourceVolumeId, err)
+		}
+		r.unstageAndDelete(ctx, resp.Volume.VolumeId)
+	}
+	if _, err := r.c.group.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{
+		GroupSnapshotId: g.GroupSnapshot.GroupSnapshotId, SnapshotIds: ids}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range vols {
+		r.unstageAndDelete(ctx, id)
+	}
+	r.finish(t)
+}
+
+// stageBlock stages and publishes a block volume under r.pods and returns the published path.
+func (r *rig) stageBlock(ctx context.Context, id string) string {
+	r.t.Helper()
+	stage, target := filepath.Join(r.pods, "stage-"+id), filepath.Join(r.pods, "target-"+id)
+	if err := os.MkdirAll(stage, 0o750); err != nil {
+		r.t.Fatal(err)
+	}
+	if _, err := r.c.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: stage, VolumeCapability: blockCapOf()}); err != nil {
+		r.t.Fatalf("stage %s: %v", id, err)
+	}
+	if _, err := r.c.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: stage, TargetPath: target, VolumeCapability: blockCapOf()}); err != nil {
+		r.t.Fatalf("publish %s: %v", id, err)
+	}
+	return target
+}
+
+// unstageAndDelete undoes stageBlock and deletes the volume.
+func (r *rig) unstageAndDelete(ctx context.Context, id string) {
+	r.t.Helper()
+	if _, err := r.c.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: filepath.Join(r.pods, "target-"+id)}); err != nil {
+		r.t.Errorf("unpublish %s: %v", id, err)
+	}
+	if _, err := r.c.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(r.pods, "stage-"+id)}); err != nil {
+		r.t.Errorf("unstage %s: %v", id, err)
+	}
+	if _, err := r.c.ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		r.t.Errorf("delete %s: %v", id, err)
+	}
+}

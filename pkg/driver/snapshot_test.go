@@ -3,6 +3,7 @@ package driver
 import (
 	"bytes"
 	"context"
+	"errors"
 	"path/filepath"
 	"testing"
 
@@ -14,6 +15,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/rawcow/csi-rawcow/internal/testsrv"
+	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
 
 // csiClients connects to a test driver.
@@ -147,8 +149,23 @@ func TestGroupSnapshot(t *testing.T) {
 	}
 	_, err = c.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GroupSnapshot.GroupSnapshotId, SnapshotIds: ids[:1]})
 	wantCode(t, err, codes.InvalidArgument)
-	if _, err := c.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GroupSnapshot.GroupSnapshotId, SnapshotIds: ids}); err != nil {
+	// A delete cut short after its first member (a crash): the retry names both and must
+	// finish the job; naming a snapshot outside the group is still refused.
+	if err := td.d.store.DeleteSnapshot(ids[0]); err != nil {
 		t.Fatal(err)
+	}
+	other, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "not-in-group", SourceVolumeId: a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GroupSnapshot.GroupSnapshotId,
+		SnapshotIds: []string{other.Snapshot.SnapshotId, ids[1]}})
+	wantCode(t, err, codes.InvalidArgument)
+	if _, err := c.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GroupSnapshot.GroupSnapshotId, SnapshotIds: ids}); err != nil {
+		t.Fatalf("retry of a delete cut short: %v", err)
+	}
+	if _, err := td.d.store.Info(ids[1]); !errors.Is(err, cow.ErrNotFound) {
+		t.Fatalf("the group's last member survived its delete: %v", err)
 	}
 	_, err = c.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g.GroupSnapshot.GroupSnapshotId})
 	wantCode(t, err, codes.NotFound)
