@@ -371,7 +371,8 @@ func (s *Store) Clone(src, name string, labels map[string]string) error {
 			return "", fmt.Errorf("clone source %s: %w", src, ErrNotFound)
 		}
 		under, size := "", m.Layers[v.Top].Size
-		if p := m.Layers[v.Top].Parent; topEmpty && p != "" && m.Layers[p].State == Frozen {
+		// An empty top may be skipped, unless it is opaque: then it hides all below it.
+		if p := m.Layers[v.Top].Parent; topEmpty && !m.Layers[v.Top].Opaque && p != "" && m.Layers[p].State == Frozen {
 			under = p
 		} else {
 			var err error
