@@ -48,17 +48,26 @@ func Stop(t testing.TB, srv *blockdev.Server, st *cow.Store, runDir string) {
 	AssertReleased(t, filepath.Join(st.Dir(), "layers"))
 }
 
-// AssertReleased fails the test if a loop device serves a file under dir or a mount lies
-// under dir, and releases them.
+// AssertReleased fails the test if a loop device serves a file under dir, or was made by a
+// server of run directory dir (from any mount namespace), or a mount lies under dir, and
+// releases them.
 func AssertReleased(t testing.TB, dir string) {
 	t.Helper()
 	loops, err := blockdev.Loops(dir)
 	if err != nil {
 		t.Error(err)
 	}
-	for _, l := range loops {
-		t.Errorf("loop device %s still serves %s", l.Device, l.Backing)
-		blockdev.DetachLoop(l.Device)
+	tagged, err := blockdev.LoopsOf(dir)
+	if err != nil {
+		t.Error(err)
+	}
+	seen := map[string]bool{}
+	for _, l := range append(loops, tagged...) {
+		if !seen[l.Device] {
+			seen[l.Device] = true
+			t.Errorf("loop device %s still serves %s", l.Device, l.Backing)
+			blockdev.DetachLoop(l.Device)
+		}
 	}
 	mounts, _ := os.ReadFile("/proc/self/mounts")
 	lines := strings.Split(string(mounts), "\n")

@@ -1,6 +1,7 @@
 package blockdev_test
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"os"
@@ -14,6 +15,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rawcow/csi-rawcow/internal/testfs"
+	"github.com/rawcow/csi-rawcow/internal/testsrv"
 	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
 )
@@ -65,8 +68,14 @@ type serverProcess struct {
 }
 
 func startServerProcess(t *testing.T, storeDir, runDir string) *serverProcess {
+	return startServerAttr(t, storeDir, runDir, nil)
+}
+
+// startServerAttr starts the server process with attr (nil: none).
+func startServerAttr(t *testing.T, storeDir, runDir string, attr *syscall.SysProcAttr) *serverProcess {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.SysProcAttr = attr
 	cmd.Env = append(os.Environ(), "BLOCKDEV_TEST_SERVE="+storeDir+":"+runDir)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -235,5 +244,142 @@ func TestServerKilled(t *testing.T) {
 		}
 	} else if !errors.Is(err, os.ErrNotExist) {
 		t.Error(err)
+	}
+}
+
+// TestServerRestartedInNewNamespace: a server in its own mount namespace (a container) is
+// killed with a merged and a composed volume attached; its namespace goes with it, and the
+// kernel now reports the devices' backing files relative to mounts that no longer exist.
+// The next server, in another namespace, still finds both by their tags: the merged one as
+// stale, the composed one taken back, working and holding its data; both then detach.
+func TestServerRestartedInNewNamespace(t *testing.T) {
+	requireTools(t)
+	dir := testfs.Mount(t, "xfs", 1<<30)
+	storeDir, runDir := filepath.Join(dir, "store"), t.TempDir()
+	st, err := cow.OpenStore(storeDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"merged", "composed"} {
+		if err := st.Create(name, cow.CreateOptions{Size: 16 << 20}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { assertReleased(t, runDir) })
+	srv := startServerAttr(t, storeDir, runDir, &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS})
+	c, err := blockdev.Dial(runDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := c.Attach("merged", blockdev.AttachOptions{Presentation: blockdev.PresentMerged})
+	if err != nil {
+		t.Fatal(err)
+	}
+	comp, err := c.Attach("composed", blockdev.AttachOptions{Presentation: blockdev.PresentComposed})
+	c.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("composed"), 4096)
+	testsrv.WriteDevice(t, comp.Device, data, 0)
+	srv.kill()
+
+	if byPath, _ := blockdev.Loops(runDir); len(byPath) > 0 {
+		t.Fatalf("the backing files' paths still lie under the run directory: %+v; the test shows nothing", byPath)
+	}
+	startServerProcess(t, storeDir, runDir)
+	c, err = blockdev.Dial(runDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	as, err := c.List()
+	if err != nil || len(as) != 2 {
+		t.Fatalf("after the restart the server lists %+v (%v), want both devices", as, err)
+	}
+	for _, a := range as {
+		switch {
+		case a.Name == "merged" && (!a.Stale || a.Device != m.Device):
+			t.Errorf("the merged volume's device %s should be stale: %+v", m.Device, a)
+		case a.Name == "composed" && (a.Stale || !a.Composed || a.Device != comp.Device):
+			t.Errorf("the composed volume's device %s should be taken back: %+v", comp.Device, a)
+		}
+	}
+	if got := testsrv.ReadDevice(t, comp.Device, 0, int64(len(data))); !bytes.Equal(got, data) {
+		t.Error("the composed volume's device lost its data across the restart")
+	}
+	for _, name := range []string{"merged", "composed"} {
+		if err := c.Detach(name); err != nil {
+			t.Fatalf("detach %s: %v", name, err)
+		}
+	}
+	if left, err := blockdev.LoopsOf(runDir); err != nil || len(left) > 0 {
+		t.Fatalf("devices left after detaching both: %+v (%v)", left, err)
+	}
+}
+
+// TestDetachAfterDeviceReused: a detach that finds the device busy leaves it to the kernel,
+// which frees it at the last close and may give its number to the next attachment. Neither
+// a repeated detach nor a new attach of the first name may then touch the second's device.
+func TestDetachAfterDeviceReused(t *testing.T) {
+	requireTools(t)
+	st, err := cow.OpenStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"a", "b"} {
+		if err := st.Create(name, cow.CreateOptions{Size: 16 << 20}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv := testsrv.Start(t, st, t.TempDir())
+	a, err := srv.Attach("a", blockdev.AttachOptions{Presentation: blockdev.PresentMerged})
+	if err != nil {
+		t.Fatal(err)
+	}
+	holder, err := os.Open(a.Device)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Detach("a"); !errors.Is(err, cow.ErrBusy) {
+		holder.Close()
+		t.Fatalf("detach of an open device: %v, want ErrBusy", err)
+	}
+	holder.Close() // the kernel detaches it now
+	sysBacking := filepath.Join("/sys/block", filepath.Base(a.Device), "loop", "backing_file")
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sysBacking); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if i == 500 {
+			t.Fatalf("%s still attached after its last close", a.Device)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b, err := srv.Attach("b", blockdev.AttachOptions{Presentation: blockdev.PresentMerged})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Device != a.Device {
+		t.Logf("the kernel gave b %s, not a's %s; the checks below still hold", b.Device, a.Device)
+	}
+	if err := srv.Detach("a"); err != nil {
+		t.Fatalf("repeated detach of a: %v", err)
+	}
+	a2, err := srv.Attach("a", blockdev.AttachOptions{Presentation: blockdev.PresentMerged})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a2.Device == b.Device {
+		t.Fatalf("a was attached again as %s, which serves b", b.Device)
+	}
+	testsrv.WriteDevice(t, b.Device, bytes.Repeat([]byte("b"), 4096), 0)
+	if got := testsrv.ReadDevice(t, b.Device, 0, 4096); !bytes.Equal(got, bytes.Repeat([]byte("b"), 4096)) {
+		t.Fatal("b's device does not serve b any more")
+	}
+	for _, name := range []string{"a", "b"} {
+		if err := srv.Detach(name); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

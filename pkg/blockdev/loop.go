@@ -1,6 +1,9 @@
 package blockdev
 
 import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -24,9 +27,106 @@ type Loop struct {
 	DirectIO bool
 }
 
+// A loop device's tag is the name it was configured with (lo_file_name, 63 bytes): csi-rawcow,
+// a digest of the server's run directory and one of the attached name. Unlike the backing
+// file's path, which the kernel reports relative to the mount that opened it (and only to
+// its root once that mount is gone with its namespace: a restarted container), the tag reads
+// the same from everywhere, so a server finds the devices of its predecessors by it, and a
+// device number that the kernel has since given to another attachment is never taken for
+// the old one.
+const tagPrefix = "csi-rawcow "
+
+func runTag(runDir string) string {
+	sum := sha256.Sum256([]byte(runDir))
+	return tagPrefix + hex.EncodeToString(sum[:8]) + " "
+}
+
+func loopTag(runDir, name string) string {
+	sum := sha256.Sum256([]byte(name))
+	return runTag(runDir) + hex.EncodeToString(sum[:16])
+}
+
+// loopStatus returns what a loop device serves; ok is false when it serves nothing (or the
+// node is gone).
+func loopStatus(dev string) (info *unix.LoopInfo64, ok bool, err error) {
+	f, err := os.OpenFile(dev, os.O_RDONLY, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("loop status %s: %w", dev, err)
+	}
+	defer f.Close()
+	info, err = unix.IoctlLoopGetStatus64(int(f.Fd()))
+	if errors.Is(err, unix.ENXIO) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("loop status %s: %w", dev, err)
+	}
+	return info, true, nil
+}
+
+func tagOf(info *unix.LoopInfo64) string {
+	name := info.File_name[:]
+	if i := bytes.IndexByte(name, 0); i >= 0 {
+		name = name[:i]
+	}
+	return string(name)
+}
+
+// hasTag reports whether dev is attached with tag.
+func hasTag(dev, tag string) bool {
+	info, ok, err := loopStatus(dev)
+	return err == nil && ok && tagOf(info) == tag
+}
+
+// taggedLoop is an attached loop device of a run directory's servers.
+type taggedLoop struct {
+	Loop
+	tag        string
+	dev, inode uint64 // the backing file's
+}
+
+// loopsOf lists the attached loop devices tagged by the servers of runDir.
+func loopsOf(runDir string) ([]taggedLoop, error) {
+	all, err := Loops("")
+	if err != nil {
+		return nil, err
+	}
+	prefix := runTag(runDir)
+	var out []taggedLoop
+	for _, l := range all {
+		info, ok, err := loopStatus(l.Device)
+		if err != nil {
+			return nil, err
+		}
+		if ok && strings.HasPrefix(tagOf(info), prefix) {
+			out = append(out, taggedLoop{Loop: l, tag: tagOf(info), dev: info.Device, inode: info.Inode})
+		}
+	}
+	return out, nil
+}
+
+// LoopsOf lists the attached loop devices that the servers of runDir made, whatever mount
+// namespace they ran in.
+func LoopsOf(runDir string) ([]Loop, error) {
+	abs, err := filepath.Abs(runDir)
+	if err != nil {
+		return nil, err
+	}
+	tagged, err := loopsOf(abs)
+	out := make([]Loop, len(tagged))
+	for i, l := range tagged {
+		out[i] = l.Loop
+	}
+	return out, err
+}
+
 // AttachLoop configures a free loop device on the file at path with LOOP_CONFIGURE: direct
-// I/O, 4096-byte logical blocks, read-only if asked. It returns the device path.
-func AttachLoop(path string, readOnly bool) (string, error) {
+// I/O, 4096-byte logical blocks, read-only if asked, named tag (at most 63 bytes; the path
+// when empty). It returns the device path.
+func AttachLoop(path string, readOnly bool, tag string) (string, error) {
 	flag := os.O_RDWR
 	if readOnly {
 		flag = os.O_RDONLY
@@ -46,7 +146,10 @@ func AttachLoop(path string, readOnly bool) (string, error) {
 	if readOnly {
 		cfg.Info.Flags |= unix.LO_FLAGS_READ_ONLY
 	}
-	copy(cfg.Info.File_name[:len(cfg.Info.File_name)-1], path)
+	if tag == "" {
+		tag = path
+	}
+	copy(cfg.Info.File_name[:len(cfg.Info.File_name)-1], tag)
 	// Another process may take the free device between GET_FREE and CONFIGURE: try again.
 	for attempt := 0; attempt < 20; attempt++ {
 		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
@@ -85,12 +188,29 @@ func openLoop(dev string, flag int) (*os.File, error) {
 
 // DetachLoop detaches a loop device. If it is still open (a mount, a process), the kernel
 // detaches it when the last user closes it.
-func DetachLoop(dev string) error {
+func DetachLoop(dev string) error { return detachTagged(dev, "") }
+
+// detachTagged detaches dev if it is attached with tag (any tag when empty). A device that
+// serves nothing now, or serves another attachment (the kernel reuses numbers), is left
+// alone: what the tag named is detached already.
+func detachTagged(dev, tag string) error {
 	f, err := os.OpenFile(dev, os.O_RDONLY, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("detach %s: %w", dev, err)
 	}
-	defer f.Close()
+	defer f.Close() // held open, the device cannot change hands between the check and the clear
+	if tag != "" {
+		info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
+		if errors.Is(err, unix.ENXIO) || err == nil && tagOf(info) != tag {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("detach %s: %w", dev, err)
+		}
+	}
 	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && !errors.Is(err, unix.ENXIO) {
 		return fmt.Errorf("detach %s: %w", dev, err)
 	}

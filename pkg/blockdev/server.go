@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -69,6 +68,7 @@ type Attachment struct {
 	Stale bool `json:"stale,omitempty"`
 
 	backing string      // the file the loop device serves
+	tag     string      // the loop device's name (loopTag): Device is ours while it has it
 	file    *servedFile // merged view: the FUSE file and its chain
 	release func()      // composed: releases the volume's hold
 }
@@ -162,37 +162,78 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 	return s, nil
 }
 
-// findStale records the loop devices whose backing file lies in our mount directory: they
-// belong to an earlier server of this runDir.
+// findStale finds the loop devices that earlier servers of this runDir left, by their tags.
+// A composed volume's device needs no server and went on working: it is taken back. The
+// others served a FUSE file that died with its server: they are stale, failing every I/O
+// until they are detached or their name is attached again.
 func (s *Server) findStale() error {
-	loops, err := Loops(s.mnt)
+	loops, err := loopsOf(s.runDir)
 	if err != nil {
 		return fmt.Errorf("server: list loop devices: %w", err)
+	}
+	if len(loops) == 0 {
+		return nil
+	}
+	names, err := s.storeNames()
+	if err != nil {
+		return fmt.Errorf("server: %w", err)
 	}
 	for _, l := range loops {
-		name := filepath.Base(l.Backing)
-		s.stale[name] = &Attachment{Name: name, Device: l.Device, ReadOnly: l.ReadOnly, Stale: true}
-		klog.InfoS("Found loop device of an earlier server", "name", name, "device", l.Device)
-	}
-	// Composed volumes need no server: their devices went on working; take them back.
-	composed, err := Loops(filepath.Join(s.store.Dir(), "layers"))
-	if err != nil {
-		return fmt.Errorf("server: list loop devices: %w", err)
-	}
-	for _, l := range composed {
-		name, ok, err := s.store.VolumeOfFile(l.Backing)
-		if err != nil || !ok {
-			klog.InfoS("Loop device on a layer that is no volume's top", "device", l.Device, "file", l.Backing, "err", err)
+		name, ok := names[l.tag]
+		if !ok {
+			// Its volume or snapshot is gone from the store: nothing can use the device.
+			klog.InfoS("Detaching a loop device of an earlier server whose volume is gone", "device", l.Device, "file", l.Backing)
+			if err := detachTagged(l.Device, l.tag); err != nil {
+				klog.ErrorS(err, "Cannot detach", "device", l.Device)
+			}
 			continue
 		}
-		release, err := s.store.Hold(name)
-		if err != nil {
-			return fmt.Errorf("server: take back composed volume %s on %s: %w", name, l.Device, err)
+		if release, ok := s.takeBackComposed(name, l); ok {
+			s.attached[name] = &Attachment{Name: name, Device: l.Device, ReadOnly: l.ReadOnly, Composed: true,
+				backing: l.Backing, tag: l.tag, release: release}
+			klog.InfoS("Took back a composed volume", "name", name, "device", l.Device)
+			continue
 		}
-		s.attached[name] = &Attachment{Name: name, Device: l.Device, ReadOnly: l.ReadOnly, Composed: true, backing: l.Backing, release: release}
-		klog.InfoS("Took back a composed volume", "name", name, "device", l.Device)
+		s.stale[name] = &Attachment{Name: name, Device: l.Device, ReadOnly: l.ReadOnly, Stale: true, tag: l.tag}
+		klog.InfoS("Found loop device of an earlier server", "name", name, "device", l.Device)
 	}
 	return nil
+}
+
+// storeNames maps the tag of every volume and snapshot in the store to its name.
+func (s *Server) storeNames() (map[string]string, error) {
+	vols, err := s.store.Volumes()
+	if err != nil {
+		return nil, err
+	}
+	snaps, err := s.store.Snapshots()
+	if err != nil {
+		return nil, err
+	}
+	names := map[string]string{}
+	for _, n := range append(vols, snaps...) {
+		names[loopTag(s.runDir, n)] = n
+	}
+	return names, nil
+}
+
+// takeBackComposed holds volume name for l when l serves the volume's composed top file (the
+// same inode), and reports whether it did.
+func (s *Server) takeBackComposed(name string, l taggedLoop) (release func(), ok bool) {
+	path, opaque, err := s.store.TopPath(name)
+	if err != nil || !opaque {
+		return nil, false
+	}
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil || st.Ino != l.inode || uint64(st.Dev) != l.dev {
+		return nil, false
+	}
+	release, err = s.store.Hold(name)
+	if err != nil {
+		klog.ErrorS(err, "Cannot take back a composed volume; its device is reported stale", "name", name, "device", l.Device)
+		return nil, false
+	}
+	return release, true
 }
 
 func isMountPoint(dir string) bool {
@@ -245,6 +286,13 @@ func (s *Server) attach(name string, opts AttachOptions, composed *bool) (*Attac
 	readOnly := opts.ReadOnly
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if a := s.attached[name]; a != nil && !hasTag(a.Device, a.tag) {
+		// Its device is gone: a detach that found it busy was finished by the kernel at
+		// its last close, and the number may serve another attachment by now.
+		if err := s.forget(a); err != nil {
+			return nil, err
+		}
+	}
 	if a := s.attached[name]; a != nil {
 		if a.ReadOnly != readOnly {
 			return nil, fmt.Errorf("attach %s: %w: attached with readOnly=%v", name, cow.ErrBusy, a.ReadOnly)
@@ -252,7 +300,7 @@ func (s *Server) attach(name string, opts AttachOptions, composed *bool) (*Attac
 		return a, nil
 	}
 	if old := s.stale[name]; old != nil {
-		if err := DetachLoop(old.Device); err != nil {
+		if err := detachTagged(old.Device, old.tag); err != nil {
 			return nil, fmt.Errorf("attach %s: detach stale %s: %w", name, old.Device, err)
 		}
 		delete(s.stale, name)
@@ -358,14 +406,14 @@ func (s *Server) attachMerged(name string, readOnly bool) (*Attachment, error) {
 		return nil, err
 	}
 	f := s.fs.add(name, chain)
-	backing := filepath.Join(s.mnt, name)
-	dev, err := AttachLoop(backing, chain.ReadOnly())
+	backing, tag := filepath.Join(s.mnt, name), loopTag(s.runDir, name)
+	dev, err := AttachLoop(backing, chain.ReadOnly(), tag)
 	if err != nil {
 		s.fs.remove(f)
 		chain.Close()
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
-	return &Attachment{Name: name, Device: dev, ReadOnly: chain.ReadOnly(), backing: backing, file: f}, nil
+	return &Attachment{Name: name, Device: dev, ReadOnly: chain.ReadOnly(), backing: backing, tag: tag, file: f}, nil
 }
 
 // attachComposed holds the volume, composes its chain into its top layer and attaches a
@@ -381,14 +429,15 @@ func (s *Server) attachComposed(name string, readOnly bool) (*Attachment, error)
 		path, _, err = s.store.TopPath(name)
 	}
 	var dev string
+	tag := loopTag(s.runDir, name)
 	if err == nil {
-		dev, err = AttachLoop(path, readOnly)
+		dev, err = AttachLoop(path, readOnly, tag)
 	}
 	if err != nil {
 		release()
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
-	return &Attachment{Name: name, Device: dev, ReadOnly: readOnly, Composed: true, backing: path, release: release}, nil
+	return &Attachment{Name: name, Device: dev, ReadOnly: readOnly, Composed: true, backing: path, tag: tag, release: release}, nil
 }
 
 func (s *Server) openChain(name string, readOnly bool) (*cow.Chain, error) {
@@ -416,7 +465,7 @@ func (s *Server) Detach(name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if old := s.stale[name]; old != nil {
-		if err := DetachLoop(old.Device); err != nil {
+		if err := detachTagged(old.Device, old.tag); err != nil {
 			return err
 		}
 		delete(s.stale, name)
@@ -432,16 +481,21 @@ func (s *Server) Detach(name string) error {
 }
 
 func (s *Server) detachLocked(a *Attachment) error {
-	if err := DetachLoop(a.Device); err != nil {
+	if err := detachTagged(a.Device, a.tag); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(detachWait)
-	for loopServes(a.Device, a.backing) {
+	for hasTag(a.Device, a.tag) {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("detach %s: %w: %s is still open; it detaches at its last close", a.Name, cow.ErrBusy, a.Device)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	return s.forget(a)
+}
+
+// forget drops an attachment whose device is detached and releases what served it.
+func (s *Server) forget(a *Attachment) error {
 	delete(s.attached, a.Name)
 	if a.file != nil {
 		s.fs.remove(a.file)
@@ -476,16 +530,24 @@ func flushDevice(dev string) error {
 	return nil
 }
 
-// loopServes reports whether dev is still attached to backing.
-func loopServes(dev, backing string) bool {
-	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
-	return err == nil && strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), " (deleted)") == backing
-}
-
-// List returns the attached names, stale ones included, sorted by name.
+// List returns the attached names, stale ones included, sorted by name. Attachments whose
+// devices are gone (a busy detach that the kernel finished at the last close, a stale
+// device detached by hand) are dropped first: their numbers may serve others by now.
 func (s *Server) List() ([]Attachment, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for _, a := range s.attached {
+		if !hasTag(a.Device, a.tag) {
+			if err := s.forget(a); err != nil {
+				klog.ErrorS(err, "Releasing an attachment whose device is gone", "name", a.Name, "device", a.Device)
+			}
+		}
+	}
+	for name, a := range s.stale {
+		if !hasTag(a.Device, a.tag) {
+			delete(s.stale, name)
+		}
+	}
 	var out []Attachment
 	for _, a := range s.attached {
 		out = append(out, *a)

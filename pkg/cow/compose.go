@@ -322,22 +322,6 @@ func cloneInto(out, in *os.File, size int64, progress func(done, total int64)) e
 	return copyExtents(out, in, data, progress)
 }
 
-// VolumeOfFile returns the volume whose top layer is the file at path, if any: a server
-// restarted while composed volumes stayed attached finds them by their loop devices.
-func (s *Store) VolumeOfFile(path string) (string, bool, error) {
-	m, release, err := s.read()
-	if err != nil {
-		return "", false, err
-	}
-	defer release()
-	for name, v := range m.Volumes {
-		if s.layerPath(v.Top) == path {
-			return name, true, nil
-		}
-	}
-	return "", false, nil
-}
-
 // Reflinks reports whether the store's file system shares blocks between files (FICLONE):
 // where it does, composing a chain copies no data.
 func (s *Store) Reflinks() bool {

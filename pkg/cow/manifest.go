@@ -226,7 +226,10 @@ func writeFileAtomic(path string, data []byte) error {
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("rename %s: %w", path, err)
 	}
-	return syncDir(dir)
+	if err := syncDir(dir); err != nil {
+		return &committedError{err: err} // the new content is in place
+	}
+	return nil
 }
 
 func syncDir(dir string) error {

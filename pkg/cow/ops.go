@@ -171,12 +171,12 @@ func (c *Chain) freezeLocked(freeze func(m *manifest) (string, error)) (string, 
 		sw, err = c.prepareSwitch(m, freeze)
 		return err
 	})
-	if err != nil {
+	if err != nil && !committed(err) {
 		sw.abort()
 		return "", err
 	}
 	c.adopt(sw)
-	return sw.frozen, nil
+	return sw.frozen, err
 }
 
 // flushForFreeze makes everything written so far durable before the top is frozen.
@@ -314,7 +314,7 @@ func (s *Store) SnapshotGroup(volumes, snaps []string, labels map[string]string)
 		}
 		return nil
 	})
-	if err != nil {
+	if err != nil && !committed(err) {
 		for _, sw := range switches {
 			sw.abort()
 		}
@@ -323,7 +323,7 @@ func (s *Store) SnapshotGroup(volumes, snaps []string, labels map[string]string)
 	for v, sw := range switches {
 		live[v].adopt(sw)
 	}
-	return nil
+	return err
 }
 
 // Clone makes volume name a new chain over src, a snapshot or a volume. A volume's top is
@@ -460,9 +460,10 @@ func (s *Store) resizeTop(volume string, size int64, f *os.File) error {
 		path = s.layerPath(v.Top)
 		return nil
 	})
-	if err != nil {
+	if err != nil && !committed(err) {
 		return err
 	}
+	txErr := err
 	if f == nil {
 		err = os.Truncate(path, size)
 	} else if err = f.Truncate(size); err != nil {
@@ -477,8 +478,9 @@ func (s *Store) resizeTop(volume string, size int64, f *os.File) error {
 			}
 			return nil
 		})
+		return err
 	}
-	return err
+	return txErr
 }
 
 // Resize grows an open volume; see Store.Resize.
@@ -494,12 +496,13 @@ func (c *Chain) Resize(size int64) error {
 	if size <= 0 {
 		return fmt.Errorf("resize %s: %w: %d", c.name, ErrInvalidSize, size)
 	}
-	if err := c.store.resizeTop(c.name, size, c.layers[c.top].f); err != nil {
+	err := c.store.resizeTop(c.name, size, c.layers[c.top].f)
+	if err != nil && !committed(err) {
 		return err
 	}
 	c.size = alignUp(size)
 	c.layers[c.top].meta.Size = c.size
-	return nil
+	return err
 }
 
 // DeleteVolume removes a volume and frees every layer nobody else uses. It returns once the

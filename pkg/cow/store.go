@@ -156,12 +156,32 @@ func (s *Store) txLocked(fn func(m *manifest) error) (moved bool, err error) {
 		return false, err
 	}
 	// (a new store's manifest is written even when fn changes nothing)
+	written := false
 	if after, err := json.Marshal(m); err != nil || m.unwritten || !bytes.Equal(before, after) {
 		if err := m.write(s.manifestPath()); err != nil {
 			return false, err
 		}
+		written = true
 	}
-	return s.trashUnlisted(m) // also what a crashed transaction left, when nothing changed
+	moved, err = s.trashUnlisted(m) // also what a crashed transaction left, when nothing changed
+	if err != nil && written {
+		err = &committedError{err: err}
+	}
+	return moved, err
+}
+
+// committedError is a failure after a transaction's commit point, the rename of the new
+// manifest: the change stands, and whoever keeps state that follows the manifest (a live
+// chain's top) must follow it, though the caller still hears of the failure.
+type committedError struct{ err error }
+
+func (e *committedError) Error() string { return fmt.Sprintf("committed, then failed: %v", e.err) }
+func (e *committedError) Unwrap() error { return e.err }
+
+// committed reports whether err, from a transaction, came after its commit.
+func committed(err error) bool {
+	var ce *committedError
+	return errors.As(err, &ce)
 }
 
 // trashUnlisted moves the files the manifest does not name into the trash: layers freed by

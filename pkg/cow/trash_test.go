@@ -440,3 +440,62 @@ func TestTrashOneEmptyingAtATime(t *testing.T) {
 		t.Errorf("%d emptyings ran at once", m)
 	}
 }
+
+// TestSnapshotCommittedThenFailed: a transaction that fails after its commit (here the move
+// of a leftover file into the trash, blocked by a file where the trash directory belongs)
+// has still frozen the top. A live chain must go on with the new top: writing on into the
+// old one would change the snapshot under its name.
+func TestSnapshotCommittedThenFailed(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "store")
+	st, err := OpenStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Create("vol", CreateOptions{Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := st.Open("vol", OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	before := bytes.Repeat([]byte("before"), 1000)
+	if _, err := c.WriteAt(before, 0); err != nil {
+		t.Fatal(err)
+	}
+	// A leftover layer file to trash, and a file where the trash directory goes.
+	if err := os.WriteFile(filepath.Join(dir, "layers", strings.Repeat("ab", 16)+".raw"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(st.trashDir(), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err = c.Snapshot("snap", nil)
+	if err == nil {
+		t.Fatal("the snapshot's tidying could not have succeeded")
+	}
+	if _, ierr := st.Info("snap"); ierr != nil {
+		t.Fatalf("the snapshot failed after its commit (%v), yet it is not there: %v", err, ierr)
+	}
+	if _, err := c.WriteAt(bytes.Repeat([]byte("after!"), 1000), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := st.OpenSnapshot("snap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snap.Close()
+	got := make([]byte, len(before))
+	if _, err := snap.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, before) {
+		t.Fatal("a write after the snapshot changed it: the chain went on writing into the frozen layer")
+	}
+	if err := os.Remove(st.trashDir()); err != nil {
+		t.Fatal(err)
+	}
+}
