@@ -43,6 +43,9 @@ type Chain struct {
 	size   int64
 	layers []*openLayer // bottom first; layers[top] is the writable top
 	top    int          // -1 for a read-only chain
+	// readOnly is top < 0, fixed at open: ReadOnly reads it without the locks that guard top,
+	// which a live snapshot moves.
+	readOnly bool
 
 	idxMu sync.RWMutex // guards idx, zeroCand, unpunched, zeroDirty, topEmpty
 	idx   *index
@@ -69,7 +72,7 @@ func (c *Chain) Size() int64 {
 }
 
 // ReadOnly reports whether writes are refused.
-func (c *Chain) ReadOnly() bool { return c.top < 0 }
+func (c *Chain) ReadOnly() bool { return c.readOnly }
 
 // Depth returns the number of layers, the base included.
 func (c *Chain) Depth() int {

@@ -462,7 +462,7 @@ func (s *Store) openChain(m *manifest, name, top string, writable bool) (c *Chai
 		return nil, fmt.Errorf("open %s: %w", name, err)
 	}
 	ids = ids[m.visibleFrom(ids):] // an opaque layer hides everything below it
-	c = &Chain{store: s, name: name, top: -1, idx: newRangeMap[state](),
+	c = &Chain{store: s, name: name, top: -1, readOnly: !writable, idx: newRangeMap[state](),
 		zeroCand: newRangeMap[bool](), unpunched: newRangeMap[bool]()}
 	opened := &c.layers // an error return sets c to nil before this runs
 	defer func() {
