@@ -121,14 +121,24 @@ func (s *Server) do(req request) ([]Attachment, error) {
 	return nil, fmt.Errorf("unknown operation %q", req.Op)
 }
 
-// Client talks to a server over its control socket. It reconnects when the server was
-// restarted since the last call.
+// Client talks to a server over its control socket. Calls run concurrently, each on a
+// connection of its own (kept for reuse), so that a slow one, an attach that copies a base
+// for minutes, does not hold up the others. It reconnects when the server was restarted
+// since the last call.
 type Client struct {
 	runDir string
 	mu     sync.Mutex
-	conn   net.Conn
-	sc     *bufio.Scanner
+	idle   []*clientConn
+	closed bool
 }
+
+type clientConn struct {
+	conn net.Conn
+	sc   *bufio.Scanner
+}
+
+// maxAnswer bounds one answer line: a list of a few thousand attachments.
+const maxAnswer = 16 << 20
 
 // ErrNoServer says that no server listens in the run directory.
 var ErrNoServer = errors.New("no csi-rawcow server is running")
@@ -136,66 +146,93 @@ var ErrNoServer = errors.New("no csi-rawcow server is running")
 // Dial connects to the server of runDir.
 func Dial(runDir string) (*Client, error) {
 	c := &Client{runDir: runDir}
-	if err := c.connect(); err != nil {
+	cc, err := c.connect()
+	if err != nil {
 		return nil, err
 	}
+	c.idle = append(c.idle, cc)
 	return c, nil
 }
 
-func (c *Client) connect() error {
+func (c *Client) connect() (*clientConn, error) {
 	path := filepath.Join(c.runDir, ControlSocket)
 	conn, err := net.DialTimeout("unix", path, 5*time.Second)
 	if err != nil {
-		return fmt.Errorf("%w (no %s: %v); start one with `csi-rawcow serve`", ErrNoServer, path, err)
+		return nil, fmt.Errorf("%w (no %s: %v); start one with `csi-rawcow serve`", ErrNoServer, path, err)
 	}
-	c.conn, c.sc = conn, bufio.NewScanner(conn)
-	return nil
+	sc := bufio.NewScanner(conn)
+	sc.Buffer(make([]byte, 0, 64<<10), maxAnswer)
+	return &clientConn{conn: conn, sc: sc}, nil
 }
 
-// Close closes the connection.
+// Close closes the idle connections; those of calls under way close when they return.
 func (c *Client) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.conn == nil {
-		return nil
+	var errs []error
+	for _, cc := range c.idle {
+		errs = append(errs, cc.conn.Close())
 	}
-	err := c.conn.Close()
-	c.conn = nil
-	return err
+	c.idle, c.closed = nil, true
+	return errors.Join(errs...)
+}
+
+// take returns an idle connection, or a new one (fresh true).
+func (c *Client) take() (cc *clientConn, fresh bool, err error) {
+	c.mu.Lock()
+	if n := len(c.idle); n > 0 {
+		cc = c.idle[n-1]
+		c.idle = c.idle[:n-1]
+	}
+	c.mu.Unlock()
+	if cc != nil {
+		return cc, false, nil
+	}
+	cc, err = c.connect()
+	return cc, true, err
+}
+
+func (c *Client) put(cc *clientConn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		cc.conn.Close()
+		return
+	}
+	c.idle = append(c.idle, cc)
 }
 
 func (c *Client) call(req request) ([]Attachment, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	line, err := json.Marshal(req)
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	line = append(line, '\n')
-	// A request that could not be sent was not run: send it once more on a new connection.
-	for attempt := 0; ; attempt++ {
-		if c.conn == nil {
-			if err := c.connect(); err != nil {
-				return nil, err
-			}
+	// A request that could not be sent was not run: an idle connection may be to a server
+	// that has gone since; send it once more on a new one.
+	var cc *clientConn
+	for {
+		var fresh bool
+		if cc, fresh, err = c.take(); err != nil {
+			return nil, err
 		}
-		if _, err = c.conn.Write(line); err == nil {
+		if _, err = cc.conn.Write(line); err == nil {
 			break
 		}
-		c.conn.Close()
-		c.conn = nil
-		if attempt == 1 {
+		cc.conn.Close()
+		if fresh {
 			return nil, fmt.Errorf("control socket: %w", err)
 		}
 	}
-	if !c.sc.Scan() {
-		err := c.sc.Err()
-		c.conn.Close()
-		c.conn = nil
+	if !cc.sc.Scan() {
+		err := cc.sc.Err()
+		cc.conn.Close()
 		return nil, fmt.Errorf("control socket: no answer from the server: %v", err)
 	}
 	var resp response
-	if err := json.Unmarshal(c.sc.Bytes(), &resp); err != nil {
+	err = json.Unmarshal(cc.sc.Bytes(), &resp)
+	c.put(cc)
+	if err != nil {
 		return nil, fmt.Errorf("control socket: bad answer: %w", err)
 	}
 	if resp.Error != "" {
