@@ -31,8 +31,8 @@ func (s *Store) withVolume(name string, live func(c *Chain) error, offline func(
 	if err := s.mustBeVolume(name); err != nil {
 		return err
 	}
-	if s.isHeld(name) {
-		return offline() // this process holds the lock already
+	if s.locksVolume(name) {
+		return offline()
 	}
 	lk, err := s.lockVolume(name, unix.LOCK_EX)
 	if err != nil {
@@ -290,6 +290,9 @@ func (s *Store) SnapshotGroup(volumes, snaps []string, labels map[string]string)
 				return fmt.Errorf("snapshot group: %w: %s and %s are both attached composed, and a group can stop the writes of one such volume only; attach all but one merged", ErrBusy, heldBy, v)
 			}
 			heldBy = v
+			continue
+		}
+		if s.locksVolume(v) { // open read-only here: nobody writes it
 			continue
 		}
 		lk, err := s.lockVolume(v, unix.LOCK_EX)

@@ -32,6 +32,7 @@ type Store struct {
 	mu       sync.Mutex
 	open     map[string]*Chain   // volumes open read-write in this process
 	held     map[string]*os.File // volumes this process holds without a chain (see Hold)
+	readers  map[string]int      // volumes open read-only in this process: how many chains
 	progress func(done, total int64)
 
 	trash trasher
@@ -63,7 +64,7 @@ func OpenStore(dir string) (*Store, error) {
 	if st.Bsize > BlockSize {
 		return nil, fmt.Errorf("store %s: %w: file system block size %d is larger than the engine's %d", abs, ErrNotSupported, st.Bsize, BlockSize)
 	}
-	s := &Store{dir: abs, open: map[string]*Chain{}, held: map[string]*os.File{}}
+	s := &Store{dir: abs, open: map[string]*Chain{}, held: map[string]*os.File{}, readers: map[string]int{}}
 	s.trash.cond.L = &s.trash.mu
 	// A new store gets its empty manifest at once: from then on a missing manifest is a lost
 	// one (readManifest refuses the store), never a first transaction a crash cut short
@@ -402,11 +403,13 @@ func (s *Store) Open(name string, opts OpenOptions) (*Chain, error) {
 		return nil, err
 	}
 	c.lockFile = lk
-	if !opts.ReadOnly {
-		s.mu.Lock()
+	s.mu.Lock()
+	if opts.ReadOnly {
+		s.readers[name]++
+	} else {
 		s.open[name] = c
-		s.mu.Unlock()
 	}
+	s.mu.Unlock()
 	return c, nil
 }
 
@@ -453,6 +456,21 @@ func (s *Store) forget(c *Chain) {
 	if s.open[c.name] == c {
 		delete(s.open, c.name)
 	}
+	if c.readOnly && !c.snapshot {
+		if s.readers[c.name]--; s.readers[c.name] <= 0 {
+			delete(s.readers, c.name)
+		}
+	}
+}
+
+// locksVolume reports whether this process holds volume name's lock already: held, or open
+// read-only, whose shared lock keeps every writer out as well as an exclusive one would,
+// and would make this process's own exclusive attempt fail.
+func (s *Store) locksVolume(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, held := s.held[name]
+	return held || s.readers[name] > 0
 }
 
 // openChain opens the layers from top down to the base and builds the merged index.
