@@ -67,10 +67,11 @@ type Attachment struct {
 	// so it fails every I/O; attaching the name again replaces it.
 	Stale bool `json:"stale,omitempty"`
 
-	backing string      // the file the loop device serves
-	tag     string      // the loop device's name (loopTag): Device is ours while it has it
-	file    *servedFile // merged view: the FUSE file and its chain
-	release func()      // composed: releases the volume's hold
+	backing  string      // the file the loop device serves
+	tag      string      // the loop device's name (loopTag): Device is ours while it has it
+	snapshot bool        // a snapshot's chain, read-only whatever was asked
+	file     *servedFile // merged view: the FUSE file and its chain
+	release  func()      // composed: releases the volume's hold
 }
 
 // Server serves chains of one store as block devices.
@@ -294,7 +295,8 @@ func (s *Server) attach(name string, opts AttachOptions, composed *bool) (*Attac
 		}
 	}
 	if a := s.attached[name]; a != nil {
-		if a.ReadOnly != readOnly {
+		// A snapshot is attached read-only whatever was asked, the first time too.
+		if a.ReadOnly != readOnly && !a.snapshot {
 			return nil, fmt.Errorf("attach %s: %w: attached with readOnly=%v", name, cow.ErrBusy, a.ReadOnly)
 		}
 		return a, nil
@@ -401,7 +403,7 @@ func (s *Server) localizeBase(info *cow.Info) error {
 }
 
 func (s *Server) attachMerged(name string, readOnly bool) (*Attachment, error) {
-	chain, err := s.openChain(name, readOnly)
+	chain, snapshot, err := s.openChain(name, readOnly)
 	if err != nil {
 		return nil, err
 	}
@@ -413,7 +415,7 @@ func (s *Server) attachMerged(name string, readOnly bool) (*Attachment, error) {
 		chain.Close()
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
-	return &Attachment{Name: name, Device: dev, ReadOnly: chain.ReadOnly(), backing: backing, tag: tag, file: f}, nil
+	return &Attachment{Name: name, Device: dev, ReadOnly: chain.ReadOnly(), backing: backing, tag: tag, snapshot: snapshot, file: f}, nil
 }
 
 // attachComposed holds the volume, composes its chain into its top layer and attaches a
@@ -440,15 +442,17 @@ func (s *Server) attachComposed(name string, readOnly bool) (*Attachment, error)
 	return &Attachment{Name: name, Device: dev, ReadOnly: readOnly, Composed: true, backing: path, tag: tag, release: release}, nil
 }
 
-func (s *Server) openChain(name string, readOnly bool) (*cow.Chain, error) {
-	c, err := s.store.OpenSnapshot(name)
+// openChain opens name, a snapshot (read-only) or a volume.
+func (s *Server) openChain(name string, readOnly bool) (c *cow.Chain, snapshot bool, err error) {
+	c, err = s.store.OpenSnapshot(name)
+	snapshot = err == nil
 	if errors.Is(err, cow.ErrNotFound) {
 		c, err = s.store.Open(name, cow.OpenOptions{ReadOnly: readOnly})
 	}
 	if err != nil {
-		return nil, fmt.Errorf("attach %s: %w", name, err)
+		return nil, false, fmt.Errorf("attach %s: %w", name, err)
 	}
-	return c, nil
+	return c, snapshot, nil
 }
 
 // detachWait is how long Detach waits for the kernel to let go of the file after

@@ -188,6 +188,10 @@ func liveSnapshotCheck(t *testing.T, store, fsType string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A snapshot is read-only whatever is asked, when attached and when attached again.
+	if again, err := srv.Attach("snap", blockdev.AttachOptions{}); err != nil || again.Device != snap.Device || !again.ReadOnly {
+		t.Fatalf("the snapshot attached again without asking for read-only: %+v, %v", again, err)
+	}
 	snapSum := fileSHA(t, snap.Device)
 	if err := srv.Clone("snap", "restored", nil); err != nil {
 		t.Fatal(err)
