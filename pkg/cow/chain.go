@@ -38,11 +38,12 @@ type Chain struct {
 	// io is held shared by every read and write and exclusively by what must see no I/O in
 	// flight: discard (it punches holes), a flush that persists the zero list, snapshot,
 	// resize, close. Quiescing a chain is taking io exclusively.
-	io     sync.RWMutex
-	closed bool
-	size   int64
-	layers []*openLayer // bottom first; layers[top] is the writable top
-	top    int          // -1 for a read-only chain
+	io       sync.RWMutex
+	resizeMu sync.Mutex // serializes Resize, which takes io only after the store's lock
+	closed   bool
+	size     int64
+	layers   []*openLayer // bottom first; layers[top] is the writable top
+	top      int          // -1 for a read-only chain
 	// readOnly is top < 0, fixed at open: ReadOnly reads it without the locks that guard top,
 	// which a live snapshot moves.
 	readOnly bool

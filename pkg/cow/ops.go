@@ -151,22 +151,31 @@ func (c *Chain) Snapshot(snap string, labels map[string]string) error {
 	if err := ValidateName(snap); err != nil {
 		return err
 	}
-	c.io.Lock()
-	defer c.io.Unlock()
-	_, err := c.freezeLocked(func(m *manifest) (string, error) {
+	_, err := c.freeze(nil, func(m *manifest) (string, error) {
 		return c.store.freezeTop(m, c.name, snap, labels, false)
 	})
 	return err
 }
 
-// freezeLocked flushes the chain, commits freeze's manifest change, and moves the chain
-// onto the new top that freeze made. c.io is held exclusively.
-func (c *Chain) freezeLocked(freeze func(m *manifest) (string, error)) (string, error) {
-	if err := c.flushForFreeze(); err != nil {
-		return "", err
-	}
+// freeze quiesces the chain once the store is locked (see quiescedTx), runs quiesced (if
+// any) with the chain still, flushes it, commits freeze's manifest change, moves the chain
+// onto the new top that freeze made and lets its I/O go on.
+func (c *Chain) freeze(quiesced func(), freeze func(m *manifest) (string, error)) (string, error) {
+	locked := false
+	defer func() {
+		if locked {
+			c.io.Unlock()
+		}
+	}()
 	var sw topSwitch
-	err := c.store.tx(func(m *manifest) error {
+	err := c.store.quiescedTx(func() error {
+		c.io.Lock()
+		locked = true
+		if quiesced != nil {
+			quiesced()
+		}
+		return c.flushForFreeze()
+	}, func(m *manifest) error {
 		var err error
 		sw, err = c.prepareSwitch(m, freeze)
 		return err
@@ -179,8 +188,12 @@ func (c *Chain) freezeLocked(freeze func(m *manifest) (string, error)) (string, 
 	return sw.frozen, err
 }
 
-// flushForFreeze makes everything written so far durable before the top is frozen.
+// flushForFreeze makes everything written so far durable before the top is frozen. c.io is
+// held exclusively.
 func (c *Chain) flushForFreeze() error {
+	if c.closed {
+		return ErrClosed
+	}
 	if c.top < 0 {
 		return fmt.Errorf("snapshot %s: %w", c.name, ErrReadOnly)
 	}
@@ -263,23 +276,19 @@ func (s *Store) SnapshotGroup(volumes, snaps []string, labels map[string]string)
 	}
 	sort.Slice(order, func(a, b int) bool { return volumes[order[a]] < volumes[order[b]] })
 	live := map[string]*Chain{}
+	var quiesced []*Chain
 	var locks []*os.File
 	heldBy := "" // the held volume of the group, if any
 	defer func() {
 		closeAll(locks)
-		for _, c := range live {
+		for _, c := range quiesced {
 			c.io.Unlock()
 		}
 	}()
-	// Quiesce in name order, so two groups over the same volumes cannot deadlock.
 	for _, i := range order {
 		v := volumes[i]
 		if c := s.openVolume(v); c != nil {
-			c.io.Lock()
 			live[v] = c
-			if err := c.flushForFreeze(); err != nil {
-				return err
-			}
 			continue
 		}
 		if err := s.mustBeVolume(v); err != nil {
@@ -301,8 +310,21 @@ func (s *Store) SnapshotGroup(volumes, snaps []string, labels map[string]string)
 		}
 		locks = append(locks, lk)
 	}
+	// Quiesced in name order, so two groups over the same volumes cannot deadlock.
+	quiesce := func() error {
+		for _, i := range order {
+			if c := live[volumes[i]]; c != nil {
+				c.io.Lock()
+				quiesced = append(quiesced, c)
+				if err := c.flushForFreeze(); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}
 	switches := map[string]topSwitch{}
-	err := s.tx(func(m *manifest) error {
+	err := s.quiescedTx(quiesce, func(m *manifest) error {
 		for i, v := range volumes {
 			freeze := func(m *manifest) (string, error) { return s.freezeTop(m, v, snaps[i], labels, live[v] == nil) }
 			if c := live[v]; c != nil {
@@ -387,12 +409,12 @@ func (s *Store) Clone(src, name string, labels map[string]string) error {
 	}
 	return s.withVolume(src,
 		func(c *Chain) error {
-			c.io.Lock()
-			defer c.io.Unlock()
-			c.idxMu.RLock()
-			empty := c.topEmpty
-			c.idxMu.RUnlock()
-			_, err := c.freezeLocked(func(m *manifest) (string, error) { return freezeAndClone(m, empty) })
+			var empty bool
+			_, err := c.freeze(func() {
+				c.idxMu.RLock()
+				empty = c.topEmpty
+				c.idxMu.RUnlock()
+			}, func(m *manifest) (string, error) { return freezeAndClone(m, empty) })
 			return err
 		},
 		func() error {
@@ -444,9 +466,9 @@ func (s *Store) Resize(volume string, size int64) error {
 		func() error { return s.resizeTop(volume, size, nil) })
 }
 
-// resizeTop commits the new size, then grows the top file (an open top finishes a grow
-// that a crash cut short, see openLayerFile).
-func (s *Store) resizeTop(volume string, size int64, f *os.File) error {
+// resizeTop commits the new size, then grows the top file with grow, or by its path when
+// grow is nil (an open top finishes a grow that a crash cut short, see openLayerFile).
+func (s *Store) resizeTop(volume string, size int64, grow func() error) error {
 	size = alignUp(size)
 	var path string
 	var old int64
@@ -467,10 +489,10 @@ func (s *Store) resizeTop(volume string, size int64, f *os.File) error {
 		return err
 	}
 	txErr := err
-	if f == nil {
+	if grow == nil {
 		err = os.Truncate(path, size)
-	} else if err = f.Truncate(size); err != nil {
-		err = fmt.Errorf("resize %s: %w", volume, err)
+	} else {
+		err = grow()
 	}
 	if err != nil {
 		// The file system refuses the size (EFBIG, ENOSPC): take the commit back, or every
@@ -481,31 +503,44 @@ func (s *Store) resizeTop(volume string, size int64, f *os.File) error {
 			}
 			return nil
 		})
-		return err
+		return fmt.Errorf("resize %s: %w", volume, err)
 	}
 	return txErr
 }
 
-// Resize grows an open volume; see Store.Resize.
+// Resize grows an open volume; see Store.Resize. The size is committed first, without the
+// chain's I/O stopped (the store's lock comes before c.io, see quiescedTx); then the chain
+// stops its I/O for the grow of its top file and takes up the size.
 func (c *Chain) Resize(size int64) error {
-	c.io.Lock()
-	defer c.io.Unlock()
-	if c.closed {
+	c.resizeMu.Lock() // one resize at a time: a smaller grow must not truncate after a larger
+	defer c.resizeMu.Unlock()
+	c.io.RLock()
+	closed, readOnly := c.closed, c.top < 0
+	c.io.RUnlock()
+	switch {
+	case closed:
 		return ErrClosed
-	}
-	if c.top < 0 {
+	case readOnly:
 		return fmt.Errorf("resize %s: %w", c.name, ErrReadOnly)
-	}
-	if size <= 0 {
+	case size <= 0:
 		return fmt.Errorf("resize %s: %w: %d", c.name, ErrInvalidSize, size)
 	}
-	err := c.store.resizeTop(c.name, size, c.layers[c.top].f)
-	if err != nil && !committed(err) {
-		return err
-	}
-	c.size = alignUp(size)
-	c.layers[c.top].meta.Size = c.size
-	return err
+	return c.store.resizeTop(c.name, size, func() error {
+		c.io.Lock()
+		defer c.io.Unlock()
+		if c.closed {
+			return ErrClosed
+		}
+		// The top may be newer than the one the size was committed for (a snapshot in
+		// between); a snapshot finishes the grow of the top it freezes, and its new top is
+		// made at the committed size, so growing the current one is right either way.
+		if err := c.layers[c.top].f.Truncate(alignUp(size)); err != nil {
+			return err
+		}
+		c.size = alignUp(size)
+		c.layers[c.top].meta.Size = c.size
+		return nil
+	})
 }
 
 // DeleteVolume removes a volume and frees every layer nobody else uses. It returns once the

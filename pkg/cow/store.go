@@ -131,20 +131,32 @@ func (s *Store) read() (m *manifest, release func(), err error) {
 // fn creates the files that the new manifest needs before returning; files the old one
 // needed and the new one does not are moved to the trash after the commit (see collect),
 // and unlinked in the background once the lock is released.
-func (s *Store) tx(fn func(m *manifest) error) error {
-	moved, err := s.txLocked(fn)
+func (s *Store) tx(fn func(m *manifest) error) error { return s.quiescedTx(nil, fn) }
+
+// quiescedTx is tx with quiesce run first, once the store lock is held: live chains stop
+// their I/O there (c.io), so that the wait for the lock, which a long transaction of another
+// process (a merge copying a layer) can make minutes long, does not stop their devices.
+// The lock order is the store's lock, then c.io: nothing holding c.io waits for the store.
+// quiesce must not read the store (its shared lock would wait for this exclusive one).
+func (s *Store) quiescedTx(quiesce func() error, fn func(m *manifest) error) error {
+	moved, err := s.txLocked(quiesce, fn)
 	if moved {
 		s.kickTrash()
 	}
 	return err
 }
 
-func (s *Store) txLocked(fn func(m *manifest) error) (moved bool, err error) {
+func (s *Store) txLocked(quiesce func() error, fn func(m *manifest) error) (moved bool, err error) {
 	lk, err := s.lockStore(unix.LOCK_EX)
 	if err != nil {
 		return false, err
 	}
 	defer lk.Close()
+	if quiesce != nil {
+		if err := quiesce(); err != nil {
+			return false, err
+		}
+	}
 	m, err := readManifest(s.manifestPath())
 	if err != nil {
 		return false, err

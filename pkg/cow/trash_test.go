@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -498,4 +499,89 @@ func TestSnapshotCommittedThenFailed(t *testing.T) {
 	if err := os.Remove(st.trashDir()); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestSnapshotWaitsForStoreWithIOGoing: while another process's transaction holds the store
+// (a merge copying a layer can take minutes), a live snapshot waits for it without stopping
+// the chain's I/O: the chain is quiesced only once the store is locked. A write made during
+// the wait is in the snapshot.
+func TestSnapshotWaitsForStoreWithIOGoing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "store")
+	st, err := OpenStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Create("vol", CreateOptions{Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := st.Open("vol", OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	other, err := st.lockStore(unix.LOCK_EX) // its own open file: another process, for flock
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	done := make(chan error, 1)
+	go func() { done <- c.Snapshot("snap", nil) }()
+	waitForBlockedFlock(t, filepath.Join(dir, ".lock"))
+	during := bytes.Repeat([]byte("during"), 1000)
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := c.WriteAt(during, 0)
+		wrote <- err
+	}()
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		other.Close()
+		t.Fatal("the chain's I/O stopped while its snapshot waited for the store's lock")
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("the snapshot finished while the store was locked: %v", err)
+	default:
+	}
+	other.Close()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	snap, err := st.OpenSnapshot("snap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snap.Close()
+	got := make([]byte, len(during))
+	if _, err := snap.ReadAt(got, 0); err != nil || !bytes.Equal(got, during) {
+		t.Fatalf("the snapshot lacks the write completed before it took effect (%v)", err)
+	}
+}
+
+// waitForBlockedFlock waits until /proc/locks shows a request blocked on the file at path.
+func waitForBlockedFlock(t *testing.T, path string) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	suffix := ":" + strconv.FormatUint(st.Ino, 10)
+	for i := 0; i < 3000; i++ {
+		locks, err := os.ReadFile("/proc/locks")
+		if err != nil {
+			testfs.Skip(t, "no /proc/locks: %v", err)
+		}
+		for _, line := range strings.Split(string(locks), "\n") {
+			f := strings.Fields(line)
+			if len(f) > 6 && f[1] == "->" && f[2] == "FLOCK" && strings.HasSuffix(f[6], suffix) {
+				return
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("nothing waits for the lock of %s", path)
 }
