@@ -447,19 +447,7 @@ func TestTrashOneEmptyingAtATime(t *testing.T) {
 // has still frozen the top. A live chain must go on with the new top: writing on into the
 // old one would change the snapshot under its name.
 func TestSnapshotCommittedThenFailed(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "store")
-	st, err := OpenStore(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Create("vol", CreateOptions{Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := st.Open("vol", OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	dir, st, c := openFreshVolume(t)
 	before := bytes.Repeat([]byte("before"), 1000)
 	if _, err := c.WriteAt(before, 0); err != nil {
 		t.Fatal(err)
@@ -471,7 +459,7 @@ func TestSnapshotCommittedThenFailed(t *testing.T) {
 	if err := os.WriteFile(st.trashDir(), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	err = c.Snapshot("snap", nil)
+	err := c.Snapshot("snap", nil)
 	if err == nil {
 		t.Fatal("the snapshot's tidying could not have succeeded")
 	}
@@ -484,16 +472,7 @@ func TestSnapshotCommittedThenFailed(t *testing.T) {
 	if err := c.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	snap, err := st.OpenSnapshot("snap")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer snap.Close()
-	got := make([]byte, len(before))
-	if _, err := snap.ReadAt(got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, before) {
+	if !snapshotHolds(t, st, "snap", before) {
 		t.Fatal("a write after the snapshot changed it: the chain went on writing into the frozen layer")
 	}
 	if err := os.Remove(st.trashDir()); err != nil {
@@ -506,19 +485,7 @@ func TestSnapshotCommittedThenFailed(t *testing.T) {
 // the chain's I/O: the chain is quiesced only once the store is locked. A write made during
 // the wait is in the snapshot.
 func TestSnapshotWaitsForStoreWithIOGoing(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "store")
-	st, err := OpenStore(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Create("vol", CreateOptions{Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := st.Open("vol", OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	dir, st, c := openFreshVolume(t)
 	other, err := st.lockStore(unix.LOCK_EX) // its own open file: another process, for flock
 	if err != nil {
 		t.Fatal(err)
@@ -551,15 +518,43 @@ func TestSnapshotWaitsForStoreWithIOGoing(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	snap, err := st.OpenSnapshot("snap")
+	if !snapshotHolds(t, st, "snap", during) {
+		t.Fatal("the snapshot lacks the write completed before it took effect")
+	}
+}
+
+// openFreshVolume makes a store with a 1 MiB volume "vol" and opens it read-write until the
+// test ends.
+func openFreshVolume(t *testing.T) (dir string, st *Store, c *Chain) {
+	t.Helper()
+	dir = filepath.Join(t.TempDir(), "store")
+	st, err := OpenStore(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer snap.Close()
-	got := make([]byte, len(during))
-	if _, err := snap.ReadAt(got, 0); err != nil || !bytes.Equal(got, during) {
-		t.Fatalf("the snapshot lacks the write completed before it took effect (%v)", err)
+	if err := st.Create("vol", CreateOptions{Size: 1 << 20}); err != nil {
+		t.Fatal(err)
 	}
+	if c, err = st.Open("vol", OpenOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return dir, st, c
+}
+
+// snapshotHolds reports whether snapshot snap reads want at offset 0.
+func snapshotHolds(t *testing.T, st *Store, snap string, want []byte) bool {
+	t.Helper()
+	c, err := st.OpenSnapshot(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := make([]byte, len(want))
+	if _, err := c.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	return bytes.Equal(got, want)
 }
 
 // waitForBlockedFlock waits until /proc/locks shows a request blocked on the file at path.
