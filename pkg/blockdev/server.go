@@ -89,9 +89,13 @@ type Server struct {
 	localizing sync.Mutex
 
 	mu       sync.Mutex // serializes attach, detach and the chain-changing operations
+	closed   bool       // Close has begun: an attach that decided before it must not go on
 	attached map[string]*Attachment
 	stale    map[string]*Attachment
 }
+
+// ErrServerClosed refuses an attach that comes as, or after, the server closes.
+var ErrServerClosed = errors.New("the server is closing")
 
 // Options tune the FUSE mount; the zero value is the measured default.
 type Options struct {
@@ -287,6 +291,9 @@ func (s *Server) attach(name string, opts AttachOptions, composed *bool) (*Attac
 	readOnly := opts.ReadOnly
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return nil, fmt.Errorf("attach %s: %w", name, ErrServerClosed)
+	}
 	if a := s.attached[name]; a != nil && !hasTag(a.Device, a.tag) {
 		// Its device is gone: a detach that found it busy was finished by the kernel at
 		// its last close, and the number may serve another attachment by now.
@@ -637,6 +644,7 @@ func (s *Server) Resize(volume string, size int64) error {
 // run directory takes them back.
 func (s *Server) Close() error {
 	s.mu.Lock()
+	s.closed = true
 	var errs []error
 	for _, a := range s.attached {
 		if a.Composed {

@@ -314,3 +314,28 @@ func deviceSize(t testing.TB, dev string) int64 {
 	}
 	return int64(n)
 }
+
+// TestAttachAfterClose: an attach that reaches the server once Close has begun (it decided
+// its presentation before) is refused and leaves nothing behind.
+func TestAttachAfterClose(t *testing.T) {
+	testfs.RequireRoot(t)
+	st, err := cow.OpenStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Create("vol", cow.CreateOptions{Size: 16 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	runDir := t.TempDir()
+	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Attach("vol", blockdev.AttachOptions{Presentation: blockdev.PresentMerged}); !errors.Is(err, blockdev.ErrServerClosed) {
+		t.Fatalf("attach after Close: %v, want ErrServerClosed", err)
+	}
+	assertReleased(t, runDir)
+}
