@@ -100,11 +100,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, err
 	}
 	defer d.locks.lock(req.VolumeId)()
-	_, wasAttached, err := d.attached(req.VolumeId)
+	prev, wasAttached, err := d.attached(req.VolumeId)
 	if err != nil {
 		return nil, err
 	}
 	readOnly := readOnlyMode(req.VolumeCapability)
+	if wasAttached && prev.ReadOnly != readOnly {
+		return nil, status.Errorf(codes.AlreadyExists, "volume %s is staged with readOnly=%v", req.VolumeId, prev.ReadOnly)
+	}
 	a, err := d.present.Attach(req.VolumeId, blockdev.AttachOptions{ReadOnly: readOnly, Presentation: info.Labels[labelPresent]})
 	if err != nil {
 		return nil, status.Errorf(codeOf(err), "attach %s: %v", req.VolumeId, err)
@@ -254,6 +257,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		if !onDevice(req.TargetPath, a.Device) {
 			return nil, status.Errorf(codes.FailedPrecondition, "target path %s holds something else", req.TargetPath)
 		}
+		if err := samePublishMode(req); err != nil {
+			return nil, err
+		}
 		return &csi.NodePublishVolumeResponse{}, nil
 	}
 	if req.VolumeCapability.AccessMode.Mode == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
@@ -375,6 +381,33 @@ func checkPath(what, p string, dir bool) error {
 		return status.Errorf(codes.InvalidArgument, "%s %s is not a directory", what, p)
 	}
 	return nil
+}
+
+// samePublishMode fails with AlreadyExists when the volume is published at req's target
+// read-only and req asks for read-write, or the other way round. A target that is read-only
+// because its staged file system is (a read-only stage) is what a read-write request gets.
+func samePublishMode(req *csi.NodePublishVolumeRequest) error {
+	want := req.Readonly || readOnlyMode(req.VolumeCapability)
+	ro, err := mountedReadOnly(req.TargetPath)
+	if err != nil || ro == want {
+		return err
+	}
+	if ro && req.VolumeCapability.GetMount() != nil {
+		stageRO, err := mountedReadOnly(req.StagingTargetPath)
+		if err != nil || stageRO {
+			return err
+		}
+	}
+	return status.Errorf(codes.AlreadyExists, "volume %s is published at %s with readOnly=%v", req.VolumeId, req.TargetPath, ro)
+}
+
+// mountedReadOnly reports whether the mount that holds path is read-only.
+func mountedReadOnly(path string) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return false, status.Errorf(codes.Internal, "statfs %s: %v", path, err)
+	}
+	return st.Flags&unix.ST_RDONLY != 0, nil
 }
 
 // onDevice reports whether path lies on block device dev: in a file system mounted from it,

@@ -170,3 +170,35 @@ func TestGroupSnapshot(t *testing.T) {
 	_, err = c.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g.GroupSnapshot.GroupSnapshotId})
 	wantCode(t, err, codes.NotFound)
 }
+
+// TestIncompatibleRepeat: staging or publishing again with another read-only mode fails with
+// AlreadyExists (the CSI spec's "published but incompatible"); the same request again is OK.
+func TestIncompatibleRepeat(t *testing.T) {
+	td := startDriver(t)
+	c := dialDriver(t, td)
+	ctx := context.Background()
+	id, _ := createStaged(t, c, td, "modes", nil)
+	roCap := proto.Clone(blockCap).(*csi.VolumeCapability)
+	roCap.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	staging := filepath.Join(td.root, "staging-modes")
+	_, err := c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: roCap})
+	wantCode(t, err, codes.AlreadyExists)
+	target := filepath.Join(td.root, "pod", "modes")
+	publish := func(readOnly bool) error {
+		_, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: blockCap, Readonly: readOnly})
+		return err
+	}
+	if err := publish(true); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if _, err := c.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+			t.Error(err)
+		}
+	}()
+	if err := publish(true); err != nil {
+		t.Fatalf("the same publish again: %v", err)
+	}
+	wantCode(t, publish(false), codes.AlreadyExists)
+}
