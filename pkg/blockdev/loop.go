@@ -101,8 +101,11 @@ func loopsOf(runDir string) ([]taggedLoop, error) {
 		if err != nil {
 			return nil, err
 		}
-		if ok && strings.HasPrefix(tagOf(info), prefix) {
-			out = append(out, taggedLoop{Loop: l, tag: tagOf(info), dev: info.Device, inode: info.Inode})
+		if !ok {
+			continue // detached meanwhile
+		}
+		if tag := tagOf(info); strings.HasPrefix(tag, prefix) {
+			out = append(out, taggedLoop{Loop: l, tag: tag, dev: info.Device, inode: info.Inode})
 		}
 	}
 	return out, nil
@@ -124,8 +127,8 @@ func LoopsOf(runDir string) ([]Loop, error) {
 }
 
 // AttachLoop configures a free loop device on the file at path with LOOP_CONFIGURE: direct
-// I/O, 4096-byte logical blocks, read-only if asked, named tag (at most 63 bytes; the path
-// when empty). It returns the device path.
+// I/O, 4096-byte logical blocks, read-only if asked, named tag (at most 63 bytes, see
+// loopTag). It returns the device path.
 func AttachLoop(path string, readOnly bool, tag string) (string, error) {
 	flag := os.O_RDWR
 	if readOnly {
@@ -145,9 +148,6 @@ func AttachLoop(path string, readOnly bool, tag string) (string, error) {
 	cfg.Info.Flags = unix.LO_FLAGS_DIRECT_IO
 	if readOnly {
 		cfg.Info.Flags |= unix.LO_FLAGS_READ_ONLY
-	}
-	if tag == "" {
-		tag = path
 	}
 	copy(cfg.Info.File_name[:len(cfg.Info.File_name)-1], tag)
 	// Another process may take the free device between GET_FREE and CONFIGURE: try again.
