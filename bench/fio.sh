@@ -3,7 +3,8 @@
 # device and a qcow2 overlay, in one run (docs/PERFORMANCE.md shows results).
 #
 #   bench/fio.sh [--quick] [--dir DIR] [--ram] [--rounds N] [--runtime S] [--presentation P]
-#                [--profile] [--profile-job CONFIG:NAME:RW:BS:IODEPTH] [--only NAMES] [--out FILE]
+#                [--fuse-transport T] [--profile] [--profile-job CONFIG:NAME:RW:BS:IODEPTH]
+#                [--only NAMES] [--out FILE]
 #
 # Run as root. On DIR (default: a fresh directory on the file system of /work, the
 # repository's parent) it makes a 4 GiB base image whose first half holds data, and measures
@@ -37,6 +38,9 @@
 #   --presentation merged|composed|auto
 #                 how the b* volumes are attached (default merged: the FUSE view; composed
 #                 needs xfs or btrfs under DIR)
+#   --fuse-transport io-uring|dev-fuse|auto
+#                 how the server gets FUSE requests (csi-rawcow serve --fuse-transport;
+#                 default auto: io-uring where the kernel has it)
 #   --only NAMES  run only these jobs and configurations (comma-separated, e.g.
 #                 write-1m-qd8,a,f,b1); a is always measured, it is the baseline; only
 #                 what the named configurations need is set up (b16 alone: 15 layers, not 127)
@@ -46,7 +50,7 @@
 # files). On a file system mounted with -o discard, removing fragmented layers takes a while.
 set -euo pipefail
 
-QUICK=0 DIR="" RAM=0 ROUNDS="" RUNTIME="" PROFILE=0 OUT="" PRESENTATION=merged ONLY=
+QUICK=0 DIR="" RAM=0 ROUNDS="" RUNTIME="" PROFILE=0 OUT="" PRESENTATION=merged ONLY= TRANSPORT=auto
 # CONFIG:name:rw:bs:iodepth of the jobs to profile
 PROFILE_JOBS=(b1:randread-4k-qd32:randread:4k:32 b1:read-1m-qd8:read:1m:8)
 while [[ $# -gt 0 ]]; do
@@ -57,6 +61,7 @@ while [[ $# -gt 0 ]]; do
 	--rounds) ROUNDS="$2"; shift ;;
 	--runtime) RUNTIME="$2"; shift ;;
 	--presentation) PRESENTATION="$2"; shift ;;
+	--fuse-transport) TRANSPORT="$2"; shift ;;
 	--profile) PROFILE=1 ;;
 	--profile-job) PROFILE=1; PROFILE_JOBS+=("$2"); shift ;;
 	--out) OUT="$(realpath -m "$2")"; shift ;;
@@ -210,10 +215,11 @@ fi
 
 # The server and its devices.
 R="$WORK/run"
-"$BIN" serve --store "$S" --run-dir "$R" >"$WORK/serve.log" 2>&1 &
+"$BIN" serve --fuse-transport "$TRANSPORT" --store "$S" --run-dir "$R" >"$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 100); do [[ -S $R/control.sock ]] && break; sleep 0.1; done
 [[ -S $R/control.sock ]] || { cat "$WORK/serve.log" >&2; echo "fio.sh: the server did not start" >&2; exit 1; }
+SERVED_OVER="$(grep -o 'transport="[^"]*"' "$WORK/serve.log" | head -1 | cut -d'"' -f2)"
 
 # DEV: the device of each configuration for read jobs; WDEV: for write jobs.
 declare -A DEV WDEV PID
@@ -294,9 +300,9 @@ done
 # The table: medians over rounds.
 REPORT="$WORK/report.md"
 python3 - "$RESULTS" "$ROUNDS" "$RUNTIME" "$(nproc)" "$(uname -r)" \
-	"$(findmnt -no FSTYPE,SOURCE -T "$DATA" | head -1)" "$RAM" "$PRESENTATION" "${CONFIGS[*]}" >"$REPORT" <<'EOF'
+	"$(findmnt -no FSTYPE,SOURCE -T "$DATA" | head -1)" "$RAM" "$PRESENTATION" "${CONFIGS[*]}" "$SERVED_OVER" >"$REPORT" <<'EOF'
 import statistics, sys
-path, rounds, runtime, ncpu, kernel, fs, ram, pres, measured = sys.argv[1:]
+path, rounds, runtime, ncpu, kernel, fs, ram, pres, measured, transport = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 titles = {"a": "a: loop on raw", "f": "f: FUSE floor", "c": "c: qcow2 (qsd FUSE)"}
 cfgs = measured.split()
@@ -312,7 +318,7 @@ def cpu(cfg, job):
     vals = [float(v[2]) for v in data[(cfg, job)] if v[2] != ""]
     return "" if not vals else "%.0f%%" % statistics.median(vals)
 seq = lambda job: "1m" in job
-print(f"{rounds} rounds x {runtime} s per job (+1 s ramp), medians; kernel {kernel}, {ncpu} CPUs; data on {fs}{' (RAM-backed loop)' if ram == '1' else ''}; b* attached as {pres}.")
+print(f"{rounds} rounds x {runtime} s per job (+1 s ramp), medians; kernel {kernel}, {ncpu} CPUs; data on {fs}{' (RAM-backed loop)' if ram == '1' else ''}; b* attached as {pres}, FUSE over {transport}.")
 print()
 peer = "b1" in cfgs and "c" in cfgs
 print("| job | " + " | ".join(titles.get(c, c) for c in cfgs) + (" | b1/c |" if peer else " |"))

@@ -14,19 +14,45 @@ import (
 	"github.com/rawcow/csi-rawcow/internal/testfs"
 	"github.com/rawcow/csi-rawcow/pkg/blockdev"
 	"github.com/rawcow/csi-rawcow/pkg/cow"
+	"github.com/rawcow/csi-rawcow/pkg/fuseuring"
 )
 
 // Start serves st from runDir. Cleanup detaches what the test left attached (and fails the
 // test for it), closes the server and checks that no loop device or mount remains.
 func Start(t testing.TB, st *cow.Store, runDir string) *blockdev.Server {
 	t.Helper()
+	return StartWith(t, st, runDir, blockdev.Options{})
+}
+
+// StartWith is Start with options. A transport asked for explicitly must be the one that
+// serves: the test is skipped where the kernel lacks it.
+func StartWith(t testing.TB, st *cow.Store, runDir string, opts blockdev.Options) *blockdev.Server {
+	t.Helper()
 	testfs.RequireRoot(t)
-	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{})
+	if opts.Transport == blockdev.TransportIOUring {
+		RequireIOUring(t)
+	}
+	srv, err := blockdev.NewServer(st, runDir, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if opts.Transport != blockdev.TransportAuto && srv.Transport() != opts.Transport {
+		srv.Close()
+		t.Fatalf("asked for transport %s, serving over %s", opts.Transport, srv.Transport())
+	}
 	t.Cleanup(func() { Stop(t, srv, st, runDir) })
 	return srv
+}
+
+// Transports are the FUSE transports a test of the serving path runs over.
+var Transports = []string{blockdev.TransportIOUring, blockdev.TransportDevFuse}
+
+// RequireIOUring skips the test where the kernel has no FUSE-over-io-uring.
+func RequireIOUring(t testing.TB) {
+	t.Helper()
+	if _, err := os.Stat(fuseuring.EnableParam); err != nil {
+		t.Skipf("this kernel has no FUSE-over-io-uring (Linux 6.14+, CONFIG_FUSE_IO_URING): %v", err)
+	}
 }
 
 // Stop ends a server the way Start's cleanup does; for tests that stop one themselves.

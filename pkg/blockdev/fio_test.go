@@ -47,7 +47,7 @@ func makeChain(t testing.TB, depth int) *cow.Store {
 func fio(t testing.TB, dev string, offset, size int64, extra ...string) string {
 	t.Helper()
 	args := append([]string{"--name=verify", "--filename=" + dev, "--ioengine=libaio", "--direct=1",
-		"--iodepth=16", "--rw=randwrite", "--bsrange=4k-64k", "--randrepeat=1", "--randseed=42",
+		"--iodepth=16", "--rw=randwrite", "--bsrange=4k-1m", "--randrepeat=1", "--randseed=42",
 		"--offset=" + strconv.FormatInt(offset, 10), "--size=" + strconv.FormatInt(size, 10),
 		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
 		// fio would save its verify state into the working directory: the package's source.
@@ -59,10 +59,14 @@ func fio(t testing.TB, dev string, offset, size int64, extra ...string) string {
 // discards ranges and checks they read zero while the rest still verifies.
 func TestFioVerify(t *testing.T) {
 	requireTools(t, "fio", "blkdiscard")
-	for _, depth := range []int{1, 16} {
-		t.Run(fmt.Sprintf("depth=%d", depth), func(t *testing.T) {
+	for _, tc := range []struct {
+		depth     int
+		transport string
+	}{{1, blockdev.TransportIOUring}, {16, blockdev.TransportIOUring}, {16, blockdev.TransportDevFuse}} {
+		depth := tc.depth
+		t.Run(fmt.Sprintf("depth=%d/%s", depth, tc.transport), func(t *testing.T) {
 			st := makeChain(t, depth)
-			srv := startServer(t, st)
+			srv := testsrv.StartWith(t, st, t.TempDir(), blockdev.Options{Transport: tc.transport})
 			a, err := srv.Attach("vol", blockdev.AttachOptions{})
 			if err != nil {
 				t.Fatal(err)

@@ -30,15 +30,22 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// testTransportEnv names the FUSE transport of the server process (empty: the default).
+const testTransportEnv = "BLOCKDEV_TEST_TRANSPORT"
+
 func serveForTest(spec string) int {
 	storeDir, runDir, _ := cutLast(spec, ":")
 	st, err := cow.OpenStore(storeDir)
 	if err != nil {
 		return 1
 	}
-	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{})
+	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{Transport: os.Getenv(testTransportEnv)})
 	if err != nil {
 		os.Stderr.WriteString(err.Error() + "\n")
+		return 1
+	}
+	if want := os.Getenv(testTransportEnv); want != "" && srv.Transport() != want {
+		os.Stderr.WriteString("serving over " + srv.Transport() + ", not " + want + "\n")
 		return 1
 	}
 	if _, err := srv.ServeControl(); err != nil {
@@ -132,10 +139,23 @@ func alignedBuffer(n int) []byte {
 	return raw[off%cow.BlockSize:][:n]
 }
 
-// TestServerKilled: SIGKILL of the server under load. The loop device fails I/O instead of
-// hanging; after a restart the volume attaches again and holds every flushed write.
+// TestServerKilled: SIGKILL of the server under load, over each FUSE transport. The loop
+// device fails I/O instead of hanging; after a restart the volume attaches again and holds
+// every flushed write.
 func TestServerKilled(t *testing.T) {
 	requireTools(t)
+	for _, transport := range testsrv.Transports {
+		t.Run(transport, func(t *testing.T) {
+			if transport == blockdev.TransportIOUring {
+				testsrv.RequireIOUring(t)
+			}
+			t.Setenv(testTransportEnv, transport)
+			testServerKilled(t)
+		})
+	}
+}
+
+func testServerKilled(t *testing.T) {
 	storeDir, runDir := t.TempDir(), t.TempDir()
 	st, err := cow.OpenStore(storeDir)
 	if err != nil {

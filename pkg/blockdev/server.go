@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -19,6 +20,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/rawcow/csi-rawcow/pkg/cow"
+	"github.com/rawcow/csi-rawcow/pkg/fuseuring"
 )
 
 // Service is what a node needs of the presentation: the in-process Server and a Client of
@@ -81,6 +83,10 @@ type Server struct {
 	mnt    string
 	fs     *chainFS
 	fuse   *fuse.Server
+	rings  *fuseuring.Rings // nil: requests come through /dev/fuse
+	// ownMount: the server mounted the file system itself (for the rings) and go-fuse
+	// serves it through /dev/fd/N; it cannot unmount it.
+	ownMount bool
 
 	reflinks bool // the store's file system shares blocks: compose by default
 
@@ -103,7 +109,23 @@ type Options struct {
 	MaxBackground int
 	// Debug logs every FUSE request.
 	Debug bool
+	// Transport carries FUSE requests between the kernel and the server (TransportAuto:
+	// io_uring where the kernel has it).
+	Transport string
 }
+
+// FUSE transports.
+const (
+	// TransportAuto is io_uring where the kernel has it, else /dev/fuse.
+	TransportAuto = ""
+	// TransportIOUring serves requests from io_uring rings, one per CPU, each served by a
+	// thread on that CPU (FUSE-over-io-uring, Linux 6.14+): a request costs no syscall of
+	// its own and no wake-up of another CPU (docs/PERFORMANCE.md). The server turns the
+	// fuse module's enable_uring on; it changes nothing for FUSE servers that do not ask.
+	TransportIOUring = "io-uring"
+	// TransportDevFuse serves requests read from /dev/fuse by go-fuse's threads.
+	TransportDevFuse = "dev-fuse"
+)
 
 // MountOptions are the FUSE mount options of the server, tuned for a loop device with direct
 // I/O on each file (docs/PERFORMANCE.md). bench/fusefloor mounts with them too.
@@ -111,7 +133,7 @@ func MountOptions(opts Options) *fuse.MountOptions {
 	if opts.MaxBackground == 0 {
 		opts.MaxBackground = 128
 	}
-	return &fuse.MountOptions{
+	mo := &fuse.MountOptions{
 		FsName:            "csi-rawcow",
 		Name:              "rawcow",
 		MaxWrite:          1 << 20,
@@ -123,6 +145,13 @@ func MountOptions(opts Options) *fuse.MountOptions {
 		DisableSplice: true,
 		Debug:         opts.Debug,
 	}
+	if opts.Transport == TransportIOUring {
+		mo.ExtraCapabilities |= fuse.CAP_OVER_IO_URING
+		// READDIRPLUS is one request more for the rings to speak; a directory of a few
+		// files gains nothing from it.
+		mo.DisableReadDirPlus = true
+	}
+	return mo
 }
 
 // NewServer mounts the FUSE file system under runDir/fuse and starts serving. Loop devices
@@ -154,17 +183,119 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	s.fs = newChainFS()
-	s.fuse, err = fuse.NewServer(s.fs, s.mnt, MountOptions(opts))
+	switch opts.Transport {
+	case TransportAuto:
+		opts.Transport = TransportIOUring
+		if err := s.mount(opts); err != nil {
+			klog.InfoS("Serving through /dev/fuse", "reason", err)
+			opts.Transport = TransportDevFuse
+			err = s.mount(opts)
+		}
+	case TransportIOUring, TransportDevFuse:
+		err = s.mount(opts)
+	default:
+		err = fmt.Errorf("unknown FUSE transport %q", opts.Transport)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("server: mount %s: %w", s.mnt, err)
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	klog.InfoS("Serving chains", "store", store.Dir(), "mount", s.mnt, "stale", len(s.stale), "transport", s.Transport())
+	return s, nil
+}
+
+// mount mounts the FUSE file system and starts serving it over opts.Transport; on failure
+// nothing stays mounted.
+func (s *Server) mount(opts Options) error {
+	mo := MountOptions(opts)
+	mountPoint, devFd := s.mnt, -1
+	s.ownMount, s.rings = false, nil
+	if opts.Transport == TransportIOUring {
+		if err := fuseuring.Enable(); err != nil {
+			return err
+		}
+		fd, err := mountForRings(s.mnt, mo)
+		if err != nil {
+			return err
+		}
+		mountPoint, devFd, s.ownMount = fmt.Sprintf("/dev/fd/%d", fd), fd, true
+		// Else go-fuse would mount again, on what /dev/fd/N resolves to: /dev/fuse.
+		mo.DirectMount = false
+	}
+	var err error
+	if s.fuse, err = fuse.NewServer(s.fs, mountPoint, mo); err != nil {
+		if devFd >= 0 {
+			unix.Unmount(s.mnt, unix.MNT_DETACH)
+			unix.Close(devFd)
+		}
+		return fmt.Errorf("mount %s: %w", s.mnt, err)
 	}
 	go s.fuse.Serve()
 	if err := s.fuse.WaitMount(); err != nil {
-		s.fuse.Unmount()
-		return nil, fmt.Errorf("server: mount %s: %w", s.mnt, err)
+		s.unmount()
+		return fmt.Errorf("mount %s: %w", s.mnt, err)
 	}
-	klog.InfoS("Serving chains", "store", store.Dir(), "mount", s.mnt, "stale", len(s.stale))
-	return s, nil
+	if devFd < 0 {
+		return nil
+	}
+	if err := s.startRings(devFd, mo.MaxWrite); err != nil {
+		// The connection asked for rings: without them it would hold every request.
+		s.unmount()
+		return err
+	}
+	return nil
+}
+
+// startRings registers the rings once the connection is initialized: the kernel refuses
+// them before FUSE_INIT's reply (EAGAIN), and holds every request but FUSE_INIT until they
+// are all registered.
+func (s *Server) startRings(devFd, payloadSize int) error {
+	var err error
+	for try := 0; try < 500; try++ {
+		if s.fuse.KernelSettings().Major != 0 {
+			s.rings, err = fuseuring.Start(devFd, s.fs.serveRing, fuseuring.Options{Depth: ringDepth, PayloadSize: payloadSize})
+			if !errors.Is(err, syscall.EAGAIN) {
+				return err
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return fmt.Errorf("FUSE_INIT did not complete: %v", err)
+}
+
+// Transport says how the server gets its FUSE requests: TransportIOUring or TransportDevFuse.
+func (s *Server) Transport() string {
+	if s.rings != nil {
+		return TransportIOUring
+	}
+	return TransportDevFuse
+}
+
+// ringDepth is the number of requests each CPU's ring holds at once.
+const ringDepth = 32
+
+// unmount ends the FUSE connection, which also ends the rings' entries, and waits for the
+// serving loops.
+func (s *Server) unmount() error {
+	if !s.ownMount {
+		return s.fuse.Unmount()
+	}
+	// go-fuse cannot unmount what it did not mount; the retries are its own: the kernel may
+	// still count the last loop device's close.
+	var err error
+	for try, delay := 0, 5*time.Millisecond; try < 5; try, delay = try+1, 2*delay {
+		if err = unix.Unmount(s.mnt, 0); err == nil {
+			break
+		}
+		time.Sleep(delay)
+	}
+	if err != nil {
+		return err
+	}
+	s.fuse.Wait()
+	if s.rings != nil {
+		s.rings.Close()
+	}
+	return nil
 }
 
 // findStale finds the loop devices that earlier servers of this runDir left, by their tags.
@@ -656,7 +787,7 @@ func (s *Server) Close() error {
 		}
 	}
 	s.mu.Unlock()
-	if err := s.fuse.Unmount(); err != nil {
+	if err := s.unmount(); err != nil {
 		errs = append(errs, fmt.Errorf("unmount %s: %w", s.mnt, err))
 		unix.Unmount(s.mnt, unix.MNT_DETACH)
 	}
