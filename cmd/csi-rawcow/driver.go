@@ -29,6 +29,7 @@ func driverMain(args []string) int {
 	runDir := fs.String("run-dir", runDirDefault(), "the presentation server's run directory (env CSI_RAWCOW_RUN)")
 	serverMode := fs.String("server", "auto", "presentation server: embedded (in this process), external (`csi-rawcow serve` beside it) or auto (external if one runs)")
 	name := fs.String("drivername", driver.DefaultName, "CSI driver name")
+	transport := fs.String("fuse-transport", "auto", "embedded server: how FUSE requests reach it (io-uring, dev-fuse or auto; see `csi-rawcow serve -h`)")
 	maxVolumes := fs.Int64("max-volumes", 0, "volumes per node, 0 for no limit")
 	labelContents := fs.Bool("label-snapshot-contents", false, "in a pod: label pre-provisioned VolumeSnapshotContents of this node's snapshots for its csi-snapshotter --node-deployment (needs get, list, watch, patch on volumesnapshotcontents)")
 	klog.InitFlags(fs)
@@ -65,7 +66,7 @@ func driverMain(args []string) int {
 		klog.ErrorS(err, "Cannot open the image store")
 		return 1
 	}
-	present, stop, err := presentation(*serverMode, st, *runDir)
+	present, stop, err := presentation(*serverMode, st, *runDir, blockdev.Options{Transport: transportOption(*transport)})
 	if err != nil {
 		klog.ErrorS(err, "No presentation server")
 		return 1
@@ -111,7 +112,7 @@ func driverMain(args []string) int {
 // presentation connects to a server running beside the driver, or starts one in this
 // process. An embedded server's devices stop with the driver; an external one outlives
 // driver restarts.
-func presentation(mode string, st *cow.Store, runDir string) (blockdev.Service, func(), error) {
+func presentation(mode string, st *cow.Store, runDir string, opts blockdev.Options) (blockdev.Service, func(), error) {
 	if mode == "external" || mode == "auto" {
 		c, err := blockdev.Dial(runDir)
 		if err == nil {
@@ -124,7 +125,7 @@ func presentation(mode string, st *cow.Store, runDir string) (blockdev.Service, 
 	} else if mode != "embedded" {
 		return nil, nil, errors.New("--server must be embedded, external or auto")
 	}
-	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{})
+	srv, err := blockdev.NewServer(st, runDir, opts)
 	if err != nil {
 		return nil, nil, err
 	}

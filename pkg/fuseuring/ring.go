@@ -70,6 +70,7 @@ const (
 	headerSize  = 128 + 128 + 32 // struct fuse_uring_req_header
 	inOutOffset = 0
 	opInOffset  = 128
+	opInSize    = 128
 	entOffset   = 256 // struct fuse_uring_ent_in_out
 	iovOffset   = 1024
 	headerAlloc = 4096 // page aligned: the kernel pins it
@@ -107,14 +108,15 @@ type Request struct {
 	Buf []byte
 
 	e     *entry
-	input [unsafe.Sizeof(fuse.InHeader{}) + 128]byte
+	input [(unsafe.Sizeof(fuse.InHeader{}) + opInSize) / 8]uint64 // words: the inputs hold uint64s
 }
 
 // Input returns the request's header and its per-op header side by side, the layout of
 // go-fuse's input types (which embed InHeader): cast it to the op's *fuse.XxxIn.
 func (r *Request) Input() unsafe.Pointer {
-	copy(r.input[:], unsafe.Slice((*byte)(unsafe.Pointer(r.Header)), unsafe.Sizeof(fuse.InHeader{})))
-	copy(r.input[unsafe.Sizeof(fuse.InHeader{}):], r.e.header[opInOffset:opInOffset+128])
+	in := unsafe.Slice((*byte)(unsafe.Pointer(&r.input[0])), unsafe.Sizeof(r.input))
+	n := copy(in, unsafe.Slice((*byte)(unsafe.Pointer(r.Header)), unsafe.Sizeof(fuse.InHeader{})))
+	copy(in[n:], r.e.header[opInOffset:opInOffset+opInSize])
 	return unsafe.Pointer(&r.input[0])
 }
 
@@ -150,8 +152,9 @@ type Rings struct {
 // Start registers a ring per possible CPU on devFd, the /dev/fuse descriptor of a connection
 // whose FUSE_INIT reply carried FUSE_OVER_IO_URING, and serves the requests that arrive on
 // them with h. It fails if the kernel refuses a registration (the transport is off, or the
-// connection did not ask for it); the rings registered so far are closed again then, and
-// the connection goes on through /dev/fuse.
+// connection did not ask for it); the rings registered so far are closed again then. A
+// connection that asked for rings holds every request until all are registered: the caller
+// unmounts it then.
 func Start(devFd int, h Handler, opts Options) (*Rings, error) {
 	cpus, err := possibleCPUs()
 	if err != nil {
@@ -175,8 +178,9 @@ func Start(devFd int, h Handler, opts Options) (*Rings, error) {
 	return rs, nil
 }
 
-// Close stops every queue's thread and closes the rings; the kernel cancels the entries
-// still registered. Requests the handlers still hold are answered into the void.
+// Close waits for the replies handlers still owe, stops every queue's thread and closes the
+// rings; the kernel cancels the entries still registered. After an unmount the threads have
+// ended already, each once the kernel returned all its entries.
 func (rs *Rings) Close() {
 	for _, q := range rs.queues {
 		q.stop()
@@ -205,6 +209,7 @@ type entry struct {
 	header   []byte // headerAlloc bytes: fuse_uring_req_header, then the iovecs
 	payload  []byte
 	commitID uint64
+	cmd      uint32 // the last command submitted for it
 	req      Request
 }
 
@@ -245,10 +250,7 @@ func (q *queue) run(started chan<- error) {
 	runtime.LockOSThread()
 	var set unix.CPUSet
 	set.Set(q.qid)
-	if err := unix.SchedSetaffinity(0, &set); err != nil {
-		started <- fmt.Errorf("pin to CPU %d: %w", q.qid, err)
-		return
-	}
+	unix.SchedSetaffinity(0, &set) //nolint:errcheck // an offline CPU: the ring works unpinned
 	if err := q.setup(); err != nil {
 		q.release()
 		started <- err
@@ -375,7 +377,7 @@ func (q *queue) loop() {
 				q.serve(e)
 			case c.res == -int32(syscall.EINTR) || c.res == -int32(syscall.EAGAIN):
 				q.mu.Lock()
-				q.putCmd(e, cmdCommitAndFetch)
+				q.putCmd(e, e.cmd)
 				q.mu.Unlock()
 			default: // the connection ended (ENOTCONN) or the entry was cancelled
 				live--
@@ -451,6 +453,7 @@ func (q *queue) putCmd(e *entry, cmd uint32) {
 	sqe[0] = opURingCmd
 	*(*int32)(unsafe.Pointer(&sqe[4])) = int32(q.devFd)
 	*(*uint32)(unsafe.Pointer(&sqe[8])) = cmd
+	e.cmd = cmd
 	*(*uint64)(unsafe.Pointer(&sqe[32])) = uint64(e.idx)
 	if cmd == cmdRegister {
 		*(*uint64)(unsafe.Pointer(&sqe[16])) = uint64(uintptr(unsafe.Pointer(&e.header[iovOffset])))
