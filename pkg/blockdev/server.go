@@ -8,6 +8,7 @@ package blockdev
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -173,10 +174,12 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 	if err := s.findStale(); err != nil {
 		return nil, err
 	}
-	// A mount left by a dead server answers ENOTCONN; it must go before we mount again.
-	if _, err := os.Stat(s.mnt); errors.Is(err, unix.ENOTCONN) || isMountPoint(s.mnt) {
-		if err := unix.Unmount(s.mnt, unix.MNT_DETACH); err != nil {
-			return nil, fmt.Errorf("server: unmount stale %s: %w", s.mnt, err)
+	// A mount left by a dead server must go before we mount again. It answers ENOTCONN, or,
+	// while the kernel is still tearing down the dead server's rings (asynchronously, after
+	// the process is gone), other errors: any failure to stat it but ENOENT means a mount.
+	if _, err := os.Stat(s.mnt); (err != nil && !errors.Is(err, fs.ErrNotExist)) || isMountPoint(s.mnt) {
+		if uerr := unix.Unmount(s.mnt, unix.MNT_DETACH); uerr != nil {
+			return nil, fmt.Errorf("server: unmount stale %s (stat: %v): %w", s.mnt, err, uerr)
 		}
 	}
 	if err := os.MkdirAll(s.mnt, 0o700); err != nil {
