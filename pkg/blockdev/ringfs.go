@@ -48,19 +48,14 @@ func (fs *chainFS) serveRing(r *fuseuring.Request) {
 		} else {
 			fs.serveIO(r, in)
 		}
-	case opFsync, opFallocate:
-		// They may wait for the disk: off the ring's thread, which serves the next
-		// request on this CPU meanwhile.
-		input := r.Input()
-		go func() {
-			var st fuse.Status
-			if h.Opcode == opFsync {
-				st = fs.Fsync(nil, (*fuse.FsyncIn)(input))
-			} else {
-				st = fs.Fallocate(nil, (*fuse.FallocateIn)(input))
-			}
-			r.Reply(0, syscall.Errno(st))
-		}()
+	case opFsync:
+		// fsync and fallocate may wait for the disk: off the ring's thread, which serves the
+		// next request on this CPU meanwhile.
+		in := (*fuse.FsyncIn)(r.Input())
+		go func() { r.Reply(0, syscall.Errno(fs.Fsync(nil, in))) }()
+	case opFallocate:
+		in := (*fuse.FallocateIn)(r.Input())
+		go func() { r.Reply(0, syscall.Errno(fs.Fallocate(nil, in))) }()
 	case opGetAttr:
 		var out fuse.AttrOut
 		replyOut(r, fs.GetAttr(nil, (*fuse.GetAttrIn)(r.Input()), &out), &out)
@@ -71,14 +66,12 @@ func (fs *chainFS) serveRing(r *fuseuring.Request) {
 		var out fuse.EntryOut
 		name, _, _ := strings.Cut(string(r.Payload), "\x00")
 		replyOut(r, fs.Lookup(nil, h, name, &out), &out)
-	case opOpen, opOpenDir:
+	case opOpen:
 		var out fuse.OpenOut
-		in := (*fuse.OpenIn)(r.Input())
-		if h.Opcode == opOpen {
-			replyOut(r, fs.Open(nil, in, &out), &out)
-		} else {
-			replyOut(r, fs.OpenDir(nil, in, &out), &out)
-		}
+		replyOut(r, fs.Open(nil, (*fuse.OpenIn)(r.Input()), &out), &out)
+	case opOpenDir:
+		var out fuse.OpenOut
+		replyOut(r, fs.OpenDir(nil, (*fuse.OpenIn)(r.Input()), &out), &out)
 	case opReadDir:
 		in := (*fuse.ReadIn)(r.Input())
 		list := fuse.NewDirEntryList(r.Buf[:min(int(in.Size), len(r.Buf))], in.Offset)

@@ -221,22 +221,22 @@ type queue struct {
 	qid, devFd, depth, payloadSize int
 	handler                        Handler
 
-	fd                int
-	sqRing, cqRing    []byte
-	sqes              []byte
-	sqHead, sqTail    *uint32
-	sqMask, sqEntries uint32
-	sqArray           unsafe.Pointer
-	cqHead, cqTail    *uint32
-	cqMask            uint32
-	cqes              unsafe.Pointer
-	entries           []*entry
-	serving           atomic.Bool // the thread is in a handler
-	stopping          atomic.Bool
-	inflight          sync.WaitGroup // requests handed to the handler and not answered yet
-	wake              int            // eventfd: replies queued from other goroutines, or stop
-	mu                sync.Mutex     // guards the submission queue's tail and closed
-	closed            bool
+	fd             int
+	sqRing, cqRing []byte
+	sqes           []byte
+	sqHead, sqTail *uint32
+	sqMask         uint32
+	sqArray        unsafe.Pointer
+	cqHead, cqTail *uint32
+	cqMask         uint32
+	cqes           unsafe.Pointer
+	entries        []*entry
+	serving        atomic.Bool // the thread is in a handler
+	stopping       atomic.Bool
+	inflight       sync.WaitGroup // requests handed to the handler and not answered yet
+	wake           int            // eventfd: replies queued from other goroutines, or stop
+	mu             sync.Mutex     // guards the submission queue's tail and closed
+	closed         bool
 }
 
 // wakeData marks the completions of the wake eventfd's poll.
@@ -291,7 +291,7 @@ func (q *queue) setup() error {
 	}
 	at := func(b []byte, off uint32) unsafe.Pointer { return unsafe.Pointer(&b[off]) }
 	q.sqHead, q.sqTail = (*uint32)(at(q.sqRing, p.sqOff.head)), (*uint32)(at(q.sqRing, p.sqOff.tail))
-	q.sqMask, q.sqEntries = *(*uint32)(at(q.sqRing, p.sqOff.ringMask)), p.sqEntries
+	q.sqMask = *(*uint32)(at(q.sqRing, p.sqOff.ringMask))
 	q.sqArray = at(q.sqRing, p.sqOff.array)
 	q.cqHead, q.cqTail = (*uint32)(at(q.cqRing, p.cqOff.head)), (*uint32)(at(q.cqRing, p.cqOff.tail))
 	q.cqMask = *(*uint32)(at(q.cqRing, p.cqOff.ringMask))
@@ -308,7 +308,7 @@ func (q *queue) setup() error {
 		iov := (*[2]unix.Iovec)(unsafe.Pointer(&e.header[iovOffset]))
 		iov[0].Base, iov[0].Len = &e.header[0], headerSize
 		iov[1].Base, iov[1].Len = &e.payload[0], uint64(len(e.payload))
-		e.req = Request{Header: (*fuse.InHeader)(unsafe.Pointer(&e.header[inOutOffset])), e: e}
+		e.req = Request{Header: (*fuse.InHeader)(unsafe.Pointer(&e.header[inOutOffset])), Buf: e.payload, e: e}
 	}
 	return nil
 }
@@ -391,7 +391,6 @@ func (q *queue) serve(e *entry) {
 	eo := e.ent()
 	e.commitID = eo.commitID
 	e.req.Payload = e.payload[:eo.payloadSz]
-	e.req.Buf = e.payload
 	q.inflight.Add(1)
 	q.serving.Store(true)
 	q.handler(&e.req)
