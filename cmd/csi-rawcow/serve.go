@@ -37,7 +37,7 @@ func serveMain(args []string) int {
 	runDir := fs.String("run-dir", runDirDefault(), "directory for the FUSE mount and the control socket (env CSI_RAWCOW_RUN)")
 	maxBackground := fs.Int("max-background", 0, "FUSE requests in flight (0: the measured default)")
 	debug := fs.Bool("fuse-debug", false, "log every FUSE request")
-	transport := fs.String("fuse-transport", "auto", "how FUSE requests reach the server: io-uring (rings, one per CPU; Linux 6.14+, turns the fuse module's enable_uring on), dev-fuse, or auto (io-uring where the kernel has it)")
+	transport := fs.String("fuse-transport", blockdev.TransportDevFuse, "how FUSE requests reach the server: dev-fuse, io-uring (rings, one per CPU; Linux 6.14+, turns the fuse module's enable_uring on; faster small I/O, slower large reads, see docs/PERFORMANCE.md), or auto (io-uring where the kernel has it)")
 	klog.InitFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -50,7 +50,7 @@ func serveMain(args []string) int {
 		klog.ErrorS(err, "Cannot open the store")
 		return 1
 	}
-	srv, err := blockdev.NewServer(st, *runDir, blockdev.Options{MaxBackground: *maxBackground, Debug: *debug, Transport: transportOption(*transport)})
+	srv, err := blockdev.NewServer(st, *runDir, blockdev.Options{MaxBackground: *maxBackground, Debug: *debug, Transport: *transport})
 	if err != nil {
 		klog.ErrorS(err, "Cannot start the server")
 		return 1
@@ -72,14 +72,6 @@ func serveMain(args []string) int {
 		return 1
 	}
 	return 0
-}
-
-// transportOption maps the --fuse-transport flag to blockdev's option; "auto" is its zero value.
-func transportOption(flag string) string {
-	if flag == "auto" {
-		return blockdev.TransportAuto
-	}
-	return flag
 }
 
 // attachMain asks the node's server to attach a volume or snapshot and prints the device.

@@ -36,7 +36,7 @@ func StartWith(t testing.TB, st *cow.Store, runDir string, opts blockdev.Options
 	if err != nil {
 		t.Fatal(err)
 	}
-	if opts.Transport != blockdev.TransportAuto && srv.Transport() != opts.Transport {
+	if opts.Transport != "" && opts.Transport != blockdev.TransportAuto && srv.Transport() != opts.Transport {
 		srv.Close()
 		t.Fatalf("asked for transport %s, serving over %s", opts.Transport, srv.Transport())
 	}

@@ -110,21 +110,23 @@ type Options struct {
 	MaxBackground int
 	// Debug logs every FUSE request.
 	Debug bool
-	// Transport carries FUSE requests between the kernel and the server (TransportAuto:
-	// io_uring where the kernel has it).
+	// Transport carries FUSE requests between the kernel and the server; empty is
+	// TransportDevFuse.
 	Transport string
 }
 
 // FUSE transports.
 const (
 	// TransportAuto is io_uring where the kernel has it, else /dev/fuse.
-	TransportAuto = ""
+	TransportAuto = "auto"
 	// TransportIOUring serves requests from io_uring rings, one per CPU, each served by a
 	// thread on that CPU (FUSE-over-io-uring, Linux 6.14+): a request costs no syscall of
 	// its own and no wake-up of another CPU (docs/PERFORMANCE.md). The server turns the
 	// fuse module's enable_uring on; it changes nothing for FUSE servers that do not ask.
 	TransportIOUring = "io-uring"
-	// TransportDevFuse serves requests read from /dev/fuse by go-fuse's threads.
+	// TransportDevFuse serves requests read from /dev/fuse by go-fuse's threads: the default
+	// until the hang seen once over io_uring (a FUSE_POLL from the server's own process left
+	// unanswered, docs/PERFORMANCE.md) is understood.
 	TransportDevFuse = "dev-fuse"
 )
 
@@ -194,6 +196,9 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 			opts.Transport = TransportDevFuse
 			err = s.mount(opts)
 		}
+	case "":
+		opts.Transport = TransportDevFuse
+		err = s.mount(opts)
 	case TransportIOUring, TransportDevFuse:
 		err = s.mount(opts)
 	default:
