@@ -4,12 +4,17 @@
 package testsrv
 
 import (
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
+	"k8s.io/mount-utils"
 
 	"github.com/rawcow/csi-rawcow/internal/testfs"
 	"github.com/rawcow/csi-rawcow/pkg/blockdev"
@@ -134,4 +139,52 @@ func ReadDevice(t testing.TB, dev string, off, n int64) []byte {
 		t.Fatal(err)
 	}
 	return buf
+}
+
+// Watchdog aborts the FUSE connection mounted at mnt if stop is not called within after.
+// It runs as a separate process: a hang of the serving process's own FUSE requests can
+// stop the Go runtime itself, timers and the test's deadline with it. stop ends the test
+// if the watchdog had to abort.
+func Watchdog(t testing.TB, mnt string, after time.Duration) (stop func()) {
+	t.Helper()
+	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	minor := -1
+	for _, m := range infos {
+		if m.MountPoint == mnt && strings.HasPrefix(m.FsType, "fuse") {
+			minor = m.Minor
+		}
+	}
+	if minor < 0 {
+		t.Fatalf("no FUSE mount at %s", mnt)
+	}
+	const connections = "/sys/fs/fuse/connections"
+	mounted := false
+	if _, err := os.Stat(connections + "/" + strconv.Itoa(minor)); err != nil {
+		if err := unix.Mount("fusectl", connections, "fusectl", 0, ""); err != nil {
+			t.Fatalf("mount fusectl (needed to abort a hung connection): %v", err)
+		}
+		mounted = true
+	}
+	script := fmt.Sprintf("sleep %d && echo 1 > %s/%d/abort && echo aborted", int(after.Seconds()), connections, minor)
+	cmd := exec.Command("sh", "-c", script)
+	var out strings.Builder
+	cmd.Stdout = &out
+	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true} // its sleep goes with it
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		t.Helper()
+		unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
+		cmd.Wait()
+		if mounted {
+			unix.Unmount(connections, 0)
+		}
+		if strings.Contains(out.String(), "aborted") {
+			t.Fatalf("the FUSE connection at %s hung: aborted after %v", mnt, after)
+		}
+	}
 }

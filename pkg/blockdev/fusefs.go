@@ -20,6 +20,18 @@ import (
 // cache explicitly.
 const attrTimeout = time.Hour
 
+// pollProbeName names a file that exists only to be opened once, right after mount. Go
+// registers every file it opens with its poller (epoll_ctl), which a FUSE file turns into a
+// FUSE_POLL request; when the server's own process does that while the runtime stops the
+// world, the request waits for a serving thread that waits for the world, forever. Answering
+// one FUSE_POLL with ENOSYS makes the kernel never send another on this connection. go-fuse
+// does it for the mounts it makes, under this name, which it answers itself over /dev/fuse;
+// over the rings chainFS answers it. Volume names never start with a dot.
+const pollProbeName = ".go-fuse-epoll-hack"
+
+// pollProbeNode is the probe file's node id; chainFS counts its own up from 2.
+const pollProbeNode = ^uint64(0)
+
 // servedFile is one chain served as a regular file in the mount's root directory.
 type servedFile struct {
 	name  string
@@ -111,6 +123,10 @@ func (fs *chainFS) fillAttr(node uint64, a *fuse.Attr) bool {
 		a.Mode, a.Nlink = syscall.S_IFDIR|0o755, 2
 		return true
 	}
+	if node == pollProbeNode {
+		a.Mode, a.Nlink = syscall.S_IFREG|0o400, 1
+		return true
+	}
 	f := fs.file(node)
 	if f == nil {
 		return false
@@ -127,6 +143,11 @@ func (fs *chainFS) fillAttr(node uint64, a *fuse.Attr) bool {
 func (fs *chainFS) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
 	if h.NodeId != fuse.FUSE_ROOT_ID {
 		return fuse.ENOTDIR
+	}
+	if name == pollProbeName {
+		out.NodeId = pollProbeNode
+		fs.fillAttr(pollProbeNode, &out.Attr)
+		return fuse.OK
 	}
 	f := fs.byName(name)
 	if f == nil {
@@ -165,6 +186,9 @@ func (fs *chainFS) SetAttr(_ <-chan struct{}, in *fuse.SetAttrIn, out *fuse.Attr
 func (fs *chainFS) Access(_ <-chan struct{}, _ *fuse.AccessIn) fuse.Status { return fuse.OK }
 
 func (fs *chainFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	if in.NodeId == pollProbeNode {
+		return fuse.OK
+	}
 	f := fs.file(in.NodeId)
 	if f == nil {
 		return fuse.ENOENT

@@ -250,6 +250,25 @@ func (s *Server) mount(opts Options) error {
 		s.unmount()
 		return err
 	}
+	if err := probePoll(s.mnt); err != nil {
+		s.unmount()
+		return err
+	}
+	return nil
+}
+
+// probePoll makes the kernel send its one FUSE_POLL, which the rings answer ENOSYS (see
+// pollProbeName). Raw system calls: this thread gives up its P while it waits, so the runtime
+// may stop the world meanwhile.
+func probePoll(mnt string) error {
+	fd, err := unix.Open(filepath.Join(mnt, pollProbeName), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("poll probe: %w", err)
+	}
+	defer unix.Close(fd)
+	if _, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0); err != nil {
+		return fmt.Errorf("poll probe: %w", err)
+	}
 	return nil
 }
 
