@@ -40,7 +40,7 @@
 #                 needs xfs or btrfs under DIR)
 #   --fuse-transport io-uring|dev-fuse|auto
 #                 how the server gets FUSE requests (csi-rawcow serve --fuse-transport;
-#                 default dev-fuse, the server's default; auto: io-uring where the kernel has it)
+#                 default auto, the server's default: io-uring where the kernel has it)
 #   --only NAMES  run only these jobs and configurations (comma-separated, e.g.
 #                 write-1m-qd8,a,f,b1); a is always measured, it is the baseline; only
 #                 what the named configurations need is set up (b16 alone: 15 layers, not 127)
@@ -50,7 +50,7 @@
 # files). On a file system mounted with -o discard, removing fragmented layers takes a while.
 set -euo pipefail
 
-QUICK=0 DIR="" RAM=0 ROUNDS="" RUNTIME="" PROFILE=0 OUT="" PRESENTATION=merged ONLY= TRANSPORT=dev-fuse
+QUICK=0 DIR="" RAM=0 ROUNDS="" RUNTIME="" PROFILE=0 OUT="" PRESENTATION=merged ONLY= TRANSPORT=auto
 # CONFIG:name:rw:bs:iodepth of the jobs to profile
 PROFILE_JOBS=(b1:randread-4k-qd32:randread:4k:32 b1:read-1m-qd8:read:1m:8)
 while [[ $# -gt 0 ]]; do

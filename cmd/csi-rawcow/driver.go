@@ -29,7 +29,7 @@ func driverMain(args []string) int {
 	runDir := fs.String("run-dir", runDirDefault(), "the presentation server's run directory (env CSI_RAWCOW_RUN)")
 	serverMode := fs.String("server", "auto", "presentation server: embedded (in this process), external (`csi-rawcow serve` beside it) or auto (external if one runs)")
 	name := fs.String("drivername", driver.DefaultName, "CSI driver name")
-	transport := fs.String("fuse-transport", blockdev.TransportDevFuse, "embedded server: how FUSE requests reach it (io-uring, dev-fuse or auto; see `csi-rawcow serve -h`)")
+	transport := fs.String("fuse-transport", blockdev.TransportAuto, "embedded server: how FUSE requests reach it (auto, io-uring or dev-fuse; see `csi-rawcow serve -h`)")
 	maxVolumes := fs.Int64("max-volumes", 0, "volumes per node, 0 for no limit")
 	labelContents := fs.Bool("label-snapshot-contents", false, "in a pod: label pre-provisioned VolumeSnapshotContents of this node's snapshots for its csi-snapshotter --node-deployment (needs get, list, watch, patch on volumesnapshotcontents)")
 	klog.InitFlags(fs)

@@ -37,7 +37,7 @@ func serveMain(args []string) int {
 	runDir := fs.String("run-dir", runDirDefault(), "directory for the FUSE mount and the control socket (env CSI_RAWCOW_RUN)")
 	maxBackground := fs.Int("max-background", 0, "FUSE requests in flight (0: the measured default)")
 	debug := fs.Bool("fuse-debug", false, "log every FUSE request")
-	transport := fs.String("fuse-transport", blockdev.TransportDevFuse, "how FUSE requests reach the server: dev-fuse, io-uring (rings, one per CPU; Linux 6.14+, turns the fuse module's enable_uring on; faster small I/O, slower large reads, see docs/PERFORMANCE.md), or auto (io-uring where the kernel has it)")
+	transport := fs.String("fuse-transport", blockdev.TransportAuto, "how FUSE requests reach the server: auto (io-uring where the kernel has it, else dev-fuse), io-uring (rings, one per CPU; Linux 6.14+, turns the fuse module's enable_uring on; faster small I/O, slower large reads, see docs/PERFORMANCE.md), or dev-fuse")
 	klog.InitFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return 2

@@ -111,22 +111,21 @@ type Options struct {
 	// Debug logs every FUSE request.
 	Debug bool
 	// Transport carries FUSE requests between the kernel and the server; empty is
-	// TransportDevFuse.
+	// TransportAuto.
 	Transport string
 }
 
 // FUSE transports.
 const (
-	// TransportAuto is io_uring where the kernel has it, else /dev/fuse.
+	// TransportAuto is io_uring where the kernel has it, else /dev/fuse: the default.
 	TransportAuto = "auto"
 	// TransportIOUring serves requests from io_uring rings, one per CPU, each served by a
 	// thread on that CPU (FUSE-over-io-uring, Linux 6.14+): a request costs no syscall of
 	// its own and no wake-up of another CPU (docs/PERFORMANCE.md). The server turns the
 	// fuse module's enable_uring on; it changes nothing for FUSE servers that do not ask.
 	TransportIOUring = "io-uring"
-	// TransportDevFuse serves requests read from /dev/fuse by go-fuse's threads: the default
-	// until the hang seen once over io_uring (a FUSE_POLL from the server's own process left
-	// unanswered, docs/PERFORMANCE.md) is understood.
+	// TransportDevFuse serves requests read from /dev/fuse by go-fuse's threads: slower small
+	// I/O, one copy less for large reads (docs/PERFORMANCE.md).
 	TransportDevFuse = "dev-fuse"
 )
 
@@ -189,16 +188,13 @@ func NewServer(store *cow.Store, runDir string, opts Options) (*Server, error) {
 	}
 	s.fs = newChainFS()
 	switch opts.Transport {
-	case TransportAuto:
+	case TransportAuto, "":
 		opts.Transport = TransportIOUring
 		if err := s.mount(opts); err != nil {
 			klog.InfoS("Serving through /dev/fuse", "reason", err)
 			opts.Transport = TransportDevFuse
 			err = s.mount(opts)
 		}
-	case "":
-		opts.Transport = TransportDevFuse
-		err = s.mount(opts)
 	case TransportIOUring, TransportDevFuse:
 		err = s.mount(opts)
 	default:
