@@ -15,13 +15,7 @@ import (
 // each holding scattered writes, and returns the store.
 func makeChain(t testing.TB, depth int) *cow.Store {
 	t.Helper()
-	st, err := cow.OpenStore(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Create("vol", cow.CreateOptions{Base: makeBase(t, t.TempDir(), 96<<20), Size: 256 << 20}); err != nil {
-		t.Fatal(err)
-	}
+	st := storeWithVolume(t, cow.CreateOptions{Base: makeBase(t, t.TempDir(), 96<<20), Size: 256 << 20})
 	block := bytes.Repeat([]byte{0xa5}, cow.BlockSize)
 	for layer := 1; layer < depth; layer++ {
 		c, err := st.Open("vol", cow.OpenOptions{})

@@ -33,17 +33,11 @@ func TestAttachWhileCollecting(t *testing.T) {
 				})
 			}
 			for i := range 5 {
-				st, err := cow.OpenStore(t.TempDir())
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := st.Create("vol", cow.CreateOptions{Size: 16 << 20}); err != nil {
-					t.Fatal(err)
-				}
+				st := storeWithVolume(t, cow.CreateOptions{Size: 16 << 20})
 				runDir := t.TempDir()
 				srv := testsrv.StartWith(t, st, runDir, blockdev.Options{Transport: transport})
 				stopWatchdog := testsrv.Watchdog(t, filepath.Join(runDir, "fuse"), 30*time.Second)
-				_, err = srv.Attach("vol", blockdev.AttachOptions{Presentation: blockdev.PresentMerged})
+				_, err := srv.Attach("vol", blockdev.AttachOptions{Presentation: blockdev.PresentMerged})
 				stopWatchdog()
 				if err != nil {
 					t.Fatalf("attach %d: %v", i, err)

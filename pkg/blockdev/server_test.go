@@ -41,6 +41,19 @@ func run(t testing.TB, name string, args ...string) string {
 	return string(out)
 }
 
+// storeWithVolume opens a store in a new directory with one volume, "vol", made with opts.
+func storeWithVolume(t testing.TB, opts cow.CreateOptions) *cow.Store {
+	t.Helper()
+	st, err := cow.OpenStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Create("vol", opts); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
 // startServer serves st from a fresh run directory (see testsrv.Start).
 func startServer(t testing.TB, st *cow.Store) *blockdev.Server {
 	t.Helper()
@@ -319,13 +332,7 @@ func deviceSize(t testing.TB, dev string) int64 {
 // its presentation before) is refused and leaves nothing behind.
 func TestAttachAfterClose(t *testing.T) {
 	testfs.RequireRoot(t)
-	st, err := cow.OpenStore(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Create("vol", cow.CreateOptions{Size: 16 << 20}); err != nil {
-		t.Fatal(err)
-	}
+	st := storeWithVolume(t, cow.CreateOptions{Size: 16 << 20})
 	runDir := t.TempDir()
 	srv, err := blockdev.NewServer(st, runDir, blockdev.Options{})
 	if err != nil {

@@ -54,13 +54,7 @@ func TestReadFromTruncatedBase(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := cow.OpenStore(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Create("vol", cow.CreateOptions{Base: base}); err != nil {
-		t.Fatal(err)
-	}
+	st := storeWithVolume(t, cow.CreateOptions{Base: base})
 	srv := startServer(t, st)
 	a, err := srv.Attach("vol", blockdev.AttachOptions{Presentation: blockdev.PresentMerged})
 	if err != nil {
