@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -176,13 +177,20 @@ func Watchdog(t testing.TB, mnt string, after time.Duration) (stop func()) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	var once sync.Once
+	end := func() {
+		once.Do(func() {
+			unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
+			cmd.Wait()
+			if mounted {
+				unix.Unmount(connections, 0)
+			}
+		})
+	}
+	t.Cleanup(end) // also when the test ends before stop
 	return func() {
 		t.Helper()
-		unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
-		cmd.Wait()
-		if mounted {
-			unix.Unmount(connections, 0)
-		}
+		end()
 		if strings.Contains(out.String(), "aborted") {
 			t.Fatalf("the FUSE connection at %s hung: aborted after %v", mnt, after)
 		}

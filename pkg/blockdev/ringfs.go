@@ -15,7 +15,8 @@ import (
 )
 
 // FUSE opcodes served from the rings (include/uapi/linux/fuse.h; go-fuse keeps its own
-// unexported). Anything else is answered ENOSYS, as go-fuse answers what chainFS leaves out.
+// unexported). Anything else is answered ENOSYS, as go-fuse answers what chainFS leaves out;
+// for FUSE_POLL that answer matters (see pollProbeName).
 const (
 	opLookup     = 1
 	opGetAttr    = 3
