@@ -156,6 +156,7 @@ func Watchdog(t testing.TB, mnt string, after time.Duration) (stop func()) {
 	for _, m := range infos {
 		if m.MountPoint == mnt && strings.HasPrefix(m.FsType, "fuse") {
 			minor = m.Minor
+			break
 		}
 	}
 	if minor < 0 {

@@ -1,7 +1,6 @@
 package blockdev_test
 
 import (
-	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -34,9 +33,8 @@ func TestAttachWhileCollecting(t *testing.T) {
 			}
 			for i := range 5 {
 				st := storeWithVolume(t, cow.CreateOptions{Size: 16 << 20})
-				runDir := t.TempDir()
-				srv := testsrv.StartWith(t, st, runDir, blockdev.Options{Transport: transport})
-				stopWatchdog := testsrv.Watchdog(t, filepath.Join(runDir, "fuse"), 30*time.Second)
+				srv := testsrv.StartWith(t, st, t.TempDir(), blockdev.Options{Transport: transport})
+				stopWatchdog := testsrv.Watchdog(t, srv.MountDir(), 30*time.Second)
 				_, err := srv.Attach("vol", blockdev.AttachOptions{Presentation: blockdev.PresentMerged})
 				stopWatchdog()
 				if err != nil {
